@@ -1,0 +1,55 @@
+"""The `osstune` command line. Each feature module registers its own subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, registration function): each adds its subcommands to the top-level parser. Imports are
+# lazy in the sense that heavy libraries are imported inside the command functions, not here.
+_COMMANDS = (
+    ("osstune.demo", "add_command"),
+    ("osstune.create", "add_command"),
+    ("osstune.data.cli", "add_commands"),
+    ("osstune.train.cli", "add_commands"),
+    ("osstune.infer.cli", "add_commands"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from osstune import __version__
+
+    parser = argparse.ArgumentParser(prog="osstune", description="Fine-tune, test and serve gpt-oss models.")
+    parser.add_argument("--version", action="version", version=f"osstune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name, register in _COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue  # feature not built yet
+        getattr(module, register)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        # User errors (bad files, bad options) carry a message that says what and where.
+        print(f"osstune: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
