@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if e.name != module_name:
+            if not (e.name and module_name.startswith(e.name)):
                 raise
             continue  # feature not built yet
         getattr(module, register)(sub)

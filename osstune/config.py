@@ -84,6 +84,8 @@ class ModelConfig:
             )
 
     def replace(self, **changes: Any) -> ModelConfig:
+        if "num_hidden_layers" in changes and "layer_types" not in changes:
+            changes["layer_types"] = ()  # re-derive the alternation for the new depth
         return dataclasses.replace(self, **changes)
 
     @property
