@@ -1,0 +1,1 @@
+"""Fine-tuning: recipe config, the training loop, checkpoints and metrics."""

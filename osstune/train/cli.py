@@ -1,0 +1,86 @@
+"""`osstune train`: recipe + flags -> TrainConfig -> train()."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+# Flags that are shortcuts for recipe keys; anything else goes through --set key.sub=value.
+_SHORTCUTS = {
+    "model": "model",
+    "data": "data.path",
+    "eval_data": "data.eval_path",
+    "method": "method",
+    "output": "output",
+    "steps": "steps",
+    "lr": "optim.lr",
+    "seq_len": "data.seq_len",
+    "rank": "lora.r",
+    "targets": "lora.targets",
+    "seed": "seed",
+    "device": "device",
+}
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a gpt-oss model (LoRA, QLoRA or full) on a chat dataset",
+        description="Fine-tune with a YAML recipe (--config) plus flags; precedence: defaults < recipe < flags < --set.",
+    )
+    p.add_argument("--model", help="checkpoint dir, Hugging Face id or preset (tiny, gpt-oss-20b, gpt-oss-120b)")
+    p.add_argument("--data", help="training data: JSONL / JSON chat or prompt-completion rows")
+    p.add_argument("--eval-data", dest="eval_data", help="held-out data for eval loss")
+    p.add_argument("--method", choices=("lora", "qlora", "full"))
+    p.add_argument("--output", help="run directory: checkpoints, metrics.jsonl, loss.png, the adapter or model")
+    p.add_argument("--config", help="YAML recipe (see osstune/recipes/)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seq-len", dest="seq_len", type=int)
+    p.add_argument("--rank", type=int, help="LoRA rank")
+    p.add_argument("--targets", help="LoRA targets: attention, experts or all")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any recipe key, e.g. --set optim.warmup_steps=10 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
+    p.add_argument("--stop-after", dest="stop_after", type=int, help="stop this invocation after N steps (with a checkpoint)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe as YAML and exit")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run_train)
+
+
+def resolve_config(args: argparse.Namespace):
+    from osstune.train.config import TrainConfig
+    from osstune.train.recipe import apply_override, from_dict, load_yaml, set_path, to_dict
+
+    data = to_dict(TrainConfig())
+    if args.config:
+        from osstune.train.recipe import merge
+
+        data = merge(data, load_yaml(args.config))
+    for flag, key in _SHORTCUTS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            set_path(data, key, value)
+    for override in args.overrides:
+        apply_override(data, override)
+    return from_dict(TrainConfig, data, where=args.config or "options")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from osstune.train.recipe import to_dict
+
+    cfg = resolve_config(args)
+    if args.print_config:
+        sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    if not cfg.data.path:
+        raise ValueError("no training data: pass --data FILE (or data.path in the recipe)")
+    from osstune.train.trainer import train
+
+    result = train(cfg, resume=args.resume, quiet=args.quiet, stop_after=args.stop_after)
+    print(f"final loss {result.final_loss:.4f}; {'adapter' if cfg.method != 'full' else 'model'}: {result.artifact}")
+    return 0

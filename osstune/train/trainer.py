@@ -1,0 +1,282 @@
+"""The training loop: LoRA, QLoRA or full fine-tuning of a GPT-OSS model on packed chat data.
+
+One optimizer step = `grad_accum` micro-batches of `micro_batch` packed sequences each. The loss
+is the mean over every trained token of the step (not a mean of per-micro-batch means), so
+accumulation gives the same gradient as one large batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from osstune.train import state as ckpt
+from osstune.train.batches import Batch, build_data
+from osstune.train.config import RESUMABLE_CHANGES, TrainConfig
+from osstune.train.loss import cross_entropy_sum
+from osstune.train.optim import MasterAdamW, lr_at
+from osstune.train.plot import plot_loss
+from osstune.train.progress import MetricsLog, Progress
+from osstune.train.recipe import to_dict
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+    artifact: Path
+    losses: list[float] = field(default_factory=list)
+
+
+def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device!r} was asked for but no CUDA GPU is available")
+    if cfg.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, cfg.dtype)
+    return device, dtype
+
+
+def _check_resume(cfg: TrainConfig, saved: dict) -> None:
+    now = to_dict(cfg)
+    diffs = []
+
+    def walk(a: dict, b: dict, prefix: str) -> None:
+        for key in sorted(set(a) | set(b)):
+            name = f"{prefix}{key}"
+            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+                walk(a[key], b[key], name + ".")
+            elif a.get(key) != b.get(key) and name not in RESUMABLE_CHANGES:
+                diffs.append(f"{name}: checkpoint {b.get(key)!r}, now {a.get(key)!r}")
+
+    walk(now, saved, "")
+    if diffs:
+        raise ckpt.ResumeError(
+            "cannot resume: the run in the output directory used a different config:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse the same options, or a new --output to start a separate run."
+        )
+
+
+def _prepare_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    from osstune.checkpoint import load_model
+
+    if cfg.method == "qlora":
+        model = load_model(cfg.model, dtype=dtype, device=device, packed_experts=True)
+        if model.config.expert_format != "mxfp4":
+            raise ValueError(
+                f"method 'qlora' trains LoRA on frozen MXFP4 experts, but {cfg.model} has {model.config.expert_format} "
+                "experts; use method 'lora' for it, or an MXFP4 checkpoint (osstune create --mxfp4)"
+            )
+    else:
+        # Full fine-tuning that leaves the experts frozen keeps MXFP4 experts packed (numerically the
+        # same weights, a quarter of the memory); LoRA and full training of experts use dense ones.
+        frozen_experts = cfg.method == "full" and not any(t in ("all", "experts", "mlp.experts") for t in cfg.full_targets)
+        model = load_model(cfg.model, dtype=dtype, device=device, packed_experts=frozen_experts)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.method in ("lora", "qlora"):
+        from osstune.lora import apply_lora
+
+        apply_lora(model, cfg.lora)
+    else:
+        names = [n for n, _ in model.named_parameters()]
+        chosen = [n for n in names if "all" in cfg.full_targets or any(t in n for t in cfg.full_targets)]
+        if not chosen:
+            raise ValueError(f"full_targets {list(cfg.full_targets)} match no parameter; names look like {names[1]!r}")
+        params = dict(model.named_parameters())
+        for n in chosen:
+            params[n].requires_grad_(True)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    return model
+
+
+def _batch_loss(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    hidden = model(
+        batch.input_ids.to(device),
+        position_ids=batch.position_ids.to(device),
+        doc_ids=batch.doc_ids.to(device),
+        return_hidden=True,
+    )
+    labels = batch.labels.to(device)
+    return cross_entropy_sum(hidden.flatten(0, 1), model.lm_head.weight, labels.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device) -> float | None:
+    if not batches:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        total += float(_batch_loss(model, batch, device))
+        count += batch.num_trained
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_after: int | None = None) -> TrainResult:
+    """Run (or with `resume`, continue) training. `stop_after` ends this invocation after that many
+    steps with a checkpoint, e.g. for time-boxed jobs; `--resume` continues exactly from there."""
+    out = Path(cfg.output)
+    ckpt_root = out / "checkpoints"
+    device, dtype = resolve_device(cfg)
+
+    # Everything that can fail on the user's input fails here, before any model is loaded.
+    previous = ckpt.latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
+    if resume and previous is None:
+        raise ckpt.ResumeError(f"--resume: no checkpoint in {ckpt_root}; start without --resume")
+    if not resume and previous is not None:
+        raise ckpt.ResumeError(
+            f"{out} already holds a run (latest checkpoint {previous.name}); pass --resume to continue it "
+            "or choose another --output"
+        )
+    saved = None
+    if resume:
+        saved = ckpt.load_checkpoint(previous)
+        _check_resume(cfg, saved[0].config)
+    data = build_data(cfg)
+
+    torch.manual_seed(cfg.seed)
+    model = _prepare_model(cfg, device, dtype)
+    model.train()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = MasterAdamW(trainable, cfg.optim)
+
+    start_step, tokens_seen = 0, 0
+    if saved is not None:
+        state, weights, opt_state = saved
+        missing = [n for n, _ in trainable if n not in weights]
+        if missing:
+            raise ckpt.ResumeError(f"checkpoint {previous} lacks trainable tensor {missing[0]!r}; it belongs to another run")
+        params = dict(trainable)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(weights[n])
+        opt.load_state_tensors(opt_state)
+        data.train.load_state_dict(state.data_state)
+        start_step, tokens_seen = state.step, state.tokens_seen
+        torch.set_rng_state(state.rng_cpu)
+        if device.type == "cuda" and state.rng_cuda:
+            torch.cuda.set_rng_state_all(state.rng_cuda)
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(out / "metrics.jsonl", resume_from_step=start_step)
+    progress = Progress(cfg.steps, start_step=start_step, quiet=quiet)
+    if not quiet:
+        n_train = sum(p.numel() for _, p in trainable)
+        progress.message(
+            f"osstune: {cfg.method} on {cfg.model} ({device.type}, {str(dtype).removeprefix('torch.')}), "
+            f"{n_train:,} trainable parameters; {data.summary}"
+        )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    losses: list[float] = []
+    eval_loss = None
+    last_saved = previous
+    t_last = time.perf_counter()
+    tokens_since = 0
+    try:
+        end = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)
+        for step in range(start_step, end):
+            micro = [data.train.next_batch() for _ in range(cfg.grad_accum)]
+            n_trained = sum(b.num_trained for b in micro)
+            step_loss = 0.0
+            for batch in micro:
+                loss_sum = _batch_loss(model, batch, device)
+                if not torch.isfinite(loss_sum):
+                    kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written yet"
+                    raise TrainError(
+                        f"loss became {float(loss_sum)} at step {step + 1}; training stopped and nothing was saved "
+                        f"from this step ({kept}). Lower optim.lr, raise optim.warmup_steps, or check the data."
+                    )
+                (loss_sum / n_trained).backward()
+                step_loss += float(loss_sum)
+            lr = lr_at(step, cfg.steps, cfg.optim)
+            grad_norm = opt.step(lr)
+            if not math.isfinite(grad_norm):
+                raise TrainError(f"gradient norm became {grad_norm} at step {step + 1}; lower optim.lr or check the data")
+            loss = step_loss / n_trained
+            losses.append(loss)
+            step_tokens = sum(b.num_tokens for b in micro)
+            tokens_seen += step_tokens
+            tokens_since += step_tokens
+            done = step + 1
+
+            record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen}
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                eval_loss = evaluate(model, data.eval, device)
+                record["eval_loss"] = eval_loss
+            if done % cfg.log_every == 0 or done == cfg.steps or "eval_loss" in record:
+                now = time.perf_counter()
+                record["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                t_last, tokens_since = now, 0
+                if device.type == "cuda":
+                    record["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                metrics.write(record)
+                progress.update(done, record)
+            if (cfg.save_every and done % cfg.save_every == 0) or done == end:
+                last_saved = _save(cfg, ckpt_root, done, tokens_seen, model, trainable, opt, data)
+    except torch.OutOfMemoryError:
+        raise TrainError(
+            "the GPU ran out of memory. Shorten data.seq_len, keep gradient_checkpointing on, lower micro_batch "
+            "(raise grad_accum to keep the batch), or use --method qlora to keep the experts in MXFP4."
+        ) from None
+    finally:
+        metrics.close()
+
+    history = metrics.read()
+    plot_loss(
+        out / "loss.png",
+        [(r["step"], r["loss"]) for r in history],
+        [(r["step"], r["eval_loss"]) for r in history if r.get("eval_loss") is not None],
+    )
+    artifact = _export(cfg, model, out)
+    final = history[-1]["loss"] if history else float("nan")
+    if not quiet:
+        progress.message(f"osstune: done. {'adapter' if cfg.method != 'full' else 'model'} written to {artifact}")
+    return TrainResult(out, cfg.steps, final, eval_loss, artifact, losses)
+
+
+def _save(cfg, root, step, tokens_seen, model, trainable, opt, data) -> Path:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    state = ckpt.TrainState(
+        step=step,
+        tokens_seen=tokens_seen,
+        data_state=data.train.state_dict(),
+        config=to_dict(cfg),
+        rng_cpu=torch.get_rng_state(),
+        rng_cuda=cuda,
+    )
+    weights = {n: p for n, p in trainable}
+    return ckpt.save_checkpoint(root, state, weights, opt.state_tensors(), keep=cfg.keep_checkpoints)
+
+
+def _export(cfg: TrainConfig, model: torch.nn.Module, out: Path) -> Path:
+    if cfg.method == "full":
+        from osstune.checkpoint import resolve_checkpoint, save_model
+
+        try:
+            source = resolve_checkpoint(cfg.model)
+        except ValueError:
+            source = None  # a preset: there are no tokenizer files to carry over
+        save_model(model, out / "model", tokenizer_source=source)
+        return out / "model"
+    from osstune.lora import save_adapter
+
+    save_adapter(model, out / "adapter", base_model=cfg.model)
+    return out / "adapter"
