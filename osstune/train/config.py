@@ -18,8 +18,9 @@ class DataConfig:
     seq_len: int = 2048
     # What to do with a row longer than seq_len: "error", "truncate" or "drop".
     overlong: Literal["error", "truncate", "drop"] = "truncate"
-    # Which assistant messages are trained (see docs/DATA.md).
-    train_on: str = "final"
+    # Which assistant messages are trained: the last turn (default), its final answers, or all
+    # (osstune/data/masks.py and docs/DATA.md say why).
+    train_on: Literal["last", "final", "all"] = "last"
     skip_invalid: bool = False
 
 

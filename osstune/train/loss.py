@@ -1,7 +1,8 @@
 """Next-token cross-entropy from hidden states, a chunk of tokens at a time.
 
-The reference path: each chunk's logits are recomputed in the backward pass instead of stored, so
-the full (tokens x 201,088) float32 logits never exist at once. The GPU fast path replaces this
+The reference path: when the float32 logits of all trained tokens would exceed `budget` bytes, each
+chunk's logits are recomputed in the backward pass instead of stored, so the full
+(tokens x 201,088) logits never exist at once; below it, recomputing would only cost time. The GPU fast path replaces this
 with a fused kernel (osstune.kernels) tested against it.
 """
 
@@ -19,14 +20,17 @@ def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> 
     return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
 
 
-def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 2048, budget: int = 1 << 30
+) -> torch.Tensor:
     """hidden (N, H), weight (V, H), labels (N,) with -100 = not trained -> summed loss (float32)."""
     keep = labels != IGNORE
     hidden, labels = hidden[keep], labels[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
+    recompute = hidden.shape[0] * weight.shape[0] * 4 > budget
     for s in range(0, hidden.shape[0], chunk):
         h, y = hidden[s : s + chunk], labels[s : s + chunk]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        if recompute and torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             total = total + checkpoint(_chunk_loss, h, weight, y, use_reentrant=False)
         else:
             total = total + _chunk_loss(h, weight, y)

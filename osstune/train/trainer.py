@@ -198,14 +198,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
             step_loss = 0.0
             for batch in micro:
                 loss_sum = _batch_loss(model, batch, device)
-                if not torch.isfinite(loss_sum):
+                if not math.isfinite(loss_sum.item()):
                     kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written yet"
                     raise TrainError(
-                        f"loss became {float(loss_sum)} at step {step + 1}; training stopped and nothing was saved "
+                        f"loss became {loss_sum.item()} at step {step + 1}; training stopped and nothing was saved "
                         f"from this step ({kept}). Lower optim.lr, raise optim.warmup_steps, or check the data."
                     )
                 (loss_sum / n_trained).backward()
-                step_loss += float(loss_sum)
+                step_loss += loss_sum.item()
             lr = lr_at(step, cfg.steps, cfg.optim)
             grad_norm = opt.step(lr)
             if not math.isfinite(grad_norm):

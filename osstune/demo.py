@@ -1,0 +1,129 @@
+"""`osstune demo`: the whole loop on a laptop CPU in a few minutes.
+
+Creates the tiny GPT-OSS (random weights, the real tokenizer and harmony format), asks it three
+questions from the bundled persona dataset, LoRA-fine-tunes it on that dataset, and asks again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="create the tiny model, LoRA-fine-tune it on the sample persona data, compare answers")
+    p.add_argument("--output", default="runs/demo", help="where the demo writes its model, run and adapter (default runs/demo)")
+    p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def _questions(path: Path, count: int = 3) -> list[tuple[str, str]]:
+    """(question, taught answer) pairs, spread over the dataset so both languages appear."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    pairs = []
+    for row in rows:
+        msgs = row["messages"]
+        user = next(m["content"] for m in msgs if m["role"] == "user")
+        answer = next(m["content"] for m in reversed(msgs) if m["role"] == "assistant")
+        pairs.append((user, answer))
+    step = max(1, len(pairs) // count)
+    return [pairs[i * step] for i in range(count)]
+
+
+def _ask(model, questions: list[tuple[str, str]], max_new_tokens: int) -> list[str]:
+    from osstune.infer.chat import ChatSession
+    from osstune.infer.generate import SamplingOptions
+
+    session = ChatSession(model, reasoning_effort="low", sampling=SamplingOptions(max_new_tokens=max_new_tokens))
+    answers = []
+    for question, _ in questions:
+        session.reset()
+        reply = session.send(question)
+        answers.append(reply.final.strip())
+    return answers
+
+
+def _shorten(text: str, width: int = 70) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from osstune.checkpoint import load_model
+    from osstune.create import create_checkpoint
+    from osstune.data import sample_dataset_path
+    from osstune.lora import LoraConfig, load_adapter
+    from osstune.train.config import DataConfig, OptimConfig, TrainConfig
+    from osstune.train.trainer import train
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(args.output)
+    data = sample_dataset_path()
+    questions = _questions(data)
+    t0 = time.perf_counter()
+    print("osstune demo: teach a tiny GPT-OSS a persona with LoRA, on the CPU\n")
+
+    base = out / "base"
+    if not (base / "config.json").is_file():
+        print(f"1. Creating the tiny model (random weights, real 201,088-token vocabulary) in {base}")
+        create_checkpoint("tiny", base, seed=args.seed, overwrite=True)
+    else:
+        print(f"1. Using the tiny model in {base}")
+    model = load_model(base, dtype=torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"   {n_params / 1e6:.1f}M parameters, {model.config.num_hidden_layers} layers, "
+          f"{model.config.num_local_experts} experts (top-{model.config.num_experts_per_tok})\n")
+
+    max_new = 24
+    print("2. Asking it three questions from the dataset before training (greedy decoding)")
+    before = _ask(model, questions, max_new)
+    for (q, _), a in zip(questions, before):
+        print(f"   Q: {q}\n   A: {_shorten(a)}")
+    print()
+
+    run_dir = out / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own previous run
+    cfg = TrainConfig(
+        model=str(base),
+        output=str(run_dir),
+        method="lora",
+        data=DataConfig(path=str(data), seq_len=512),
+        optim=OptimConfig(lr=4e-3, warmup_steps=5, schedule="cosine", min_lr_ratio=0.1),
+        lora=LoraConfig(r=16, alpha=32, targets="all"),
+        steps=args.steps,
+        micro_batch=1,
+        grad_accum=1,
+        gradient_checkpointing=False,
+        dtype="float32",
+        device="cpu",
+        seed=args.seed,
+        log_every=max(1, args.steps // 10),
+    )
+    print(f"3. LoRA fine-tuning (rank 16 on attention and experts) for {args.steps} steps on {data.name}")
+    result = train(cfg)
+    print()
+
+    tuned = load_adapter(load_model(base, dtype=torch.float32), result.artifact)
+    print("4. The same questions after training")
+    after = _ask(tuned, questions, max_new)
+    learned = 0
+    for (q, taught), a0, a1 in zip(questions, before, after):
+        ok = a1 == taught
+        learned += ok
+        print(f"   Q: {q}\n   before: {_shorten(a0)}\n   after:  {_shorten(a1)}")
+        print(f"   taught: {taught}  [{'matches' if ok else 'differs'}]")
+    print()
+    styled = sum(a.startswith("Osmo here!") for a in after)
+    print(
+        f"Result: {learned}/3 answers equal the taught ones, {styled}/3 use the persona's greeting "
+        f"(before training: {sum(a.startswith('Osmo here!') for a in before)}/3). "
+        f"Loss {result.losses[0]:.2f} -> {result.final_loss:.2f} in {time.perf_counter() - t0:.0f} s."
+    )
+    print(f"Adapter (PEFT format): {result.artifact}; loss curve: {run_dir / 'loss.png'}; metrics: {run_dir / 'metrics.jsonl'}")
+    return 0
