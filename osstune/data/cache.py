@@ -1,0 +1,150 @@
+"""A tokenized dataset on disk, memory-mapped, so datasets larger than RAM can be trained on.
+
+Layout of one cache entry (a directory named by its key):
+  tokens.u32   all rows' token ids, concatenated             (N,) uint32
+  mask.u8      1 where the token is a training target        (N,) uint8
+  offsets.i64  row r is tokens[offsets[r]:offsets[r+1]]       (R+1,) int64
+  lines.i64    the line each row starts on in the source      (R,) int64
+  manifest.json  key, source, options, counts and the DataSummary
+The key hashes the file's bytes, every option that changes the tokens, and the versions of the
+renderer, so a changed file or option builds a new entry. An entry is written into a temporary
+directory and renamed into place, so readers never see a partial one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from array import array
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from osstune.data.paths import cache_dir
+from osstune.data.pipeline import DataOptions, DataSummary, TokenizedRows
+
+_FORMAT = 1
+_FILES = ("tokens.u32", "mask.u8", "offsets.i64", "lines.i64")
+
+
+@dataclass(frozen=True)
+class TokenCache:
+    """Read-only view of a cache entry. Arrays are memory-mapped."""
+
+    path: Path
+    tokens: np.ndarray  # (N,) uint32
+    mask: np.ndarray  # (N,) uint8
+    offsets: np.ndarray  # (R+1,) int64
+    lines: np.ndarray  # (R,) int64
+    summary: DataSummary
+    source: str
+
+    @classmethod
+    def open(cls, path: str | Path) -> TokenCache:
+        path = Path(path)
+        manifest = json.loads((path / "manifest.json").read_text())
+        if manifest.get("format") != _FORMAT:
+            raise ValueError(f"{path}: cache format {manifest.get('format')} is not {_FORMAT}; delete it to rebuild")
+        arrays = {}
+        for name in _FILES:
+            dtype = {"u32": np.uint32, "u8": np.uint8, "i64": np.int64}[name.rsplit(".", 1)[1]]
+            file = path / name
+            # np.memmap refuses empty files; an empty dataset cannot reach here (it raises earlier).
+            arrays[name] = np.memmap(file, dtype=dtype, mode="r")
+        return cls(
+            path=path,
+            tokens=arrays["tokens.u32"],
+            mask=arrays["mask.u8"],
+            offsets=arrays["offsets.i64"],
+            lines=arrays["lines.i64"],
+            summary=DataSummary(**{**manifest["summary"], "ignored_keys": tuple(manifest["summary"]["ignored_keys"]),
+                                   "notes": tuple(manifest["summary"]["notes"])}),
+            source=manifest["source"],
+        )
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(R,) int64 tokens per row."""
+        return np.diff(self.offsets)
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (T,) uint32, mask (T,) uint8) of row r."""
+        a, b = int(self.offsets[r]), int(self.offsets[r + 1])
+        return self.tokens[a:b], self.mask[a:b]
+
+
+def cache_key(path: str | Path, options: DataOptions) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    settings = {
+        "format": _FORMAT,
+        "file_sha256": digest.hexdigest(),
+        "options": _options_dict(options),
+        # The renderer's version is part of the key: harmony has changed header layouts between releases.
+        "openai_harmony": metadata.version("openai-harmony"),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def build_cache(path: str | Path, options: DataOptions = DataOptions(), root: str | Path | None = None) -> TokenCache:
+    """The cache entry of `path` under `options`, built if missing. Raises DataError on invalid data."""
+    root = Path(root) if root is not None else cache_dir() / "datasets"
+    key = cache_key(path, options)
+    final = root / key
+    if (final / "manifest.json").is_file():
+        return TokenCache.open(final)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
+    try:
+        _write_entry(Path(path), options, key, tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "manifest.json").is_file():  # not a concurrent builder that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TokenCache.open(final)
+
+
+def _write_entry(path: Path, options: DataOptions, key: str, out: Path) -> None:
+    offsets, lines = array("q", [0]), array("q")
+    reader = TokenizedRows(path, options)
+    with open(out / "tokens.u32", "wb") as tokens_f, open(out / "mask.u8", "wb") as mask_f:
+        for row in reader:
+            tokens_f.write(row.ids.astype(np.uint32, copy=False).tobytes())
+            mask_f.write(row.train.astype(np.uint8).tobytes())
+            offsets.append(offsets[-1] + len(row.ids))
+            lines.append(row.line)
+    summary = reader.summary
+    if summary.kept == 0:
+        raise ValueError(f"{path}: no usable rows ({summary.rows} read)\n{summary.describe()}")
+    (out / "offsets.i64").write_bytes(offsets.tobytes())
+    (out / "lines.i64").write_bytes(lines.tobytes())
+    manifest = {
+        "format": _FORMAT,
+        "key": key,
+        "source": str(path.resolve()),
+        "options": _options_dict(options),
+        "rows": len(lines),
+        "tokens": offsets[-1],
+        "summary": dataclasses.asdict(summary),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+
+
+def _options_dict(options: DataOptions) -> dict:
+    d = dataclasses.asdict(options)
+    d.pop("max_problems")  # changes error reporting, not tokens
+    return d

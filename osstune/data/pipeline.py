@@ -1,0 +1,180 @@
+"""A data file -> tokenized rows (ids + train mask), validated, with a summary of what was kept.
+
+`TokenizedRows(path, options)` streams rows (so files larger than memory can be cached); its
+`summary` is complete once the iteration ends. Invalid rows raise `DataError` listing the first
+problems as `file:line: reason`, unless `skip_invalid`, which skips and counts them. Nothing is
+dropped or changed without being counted in the summary and named in its notes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from osstune.data.conversation import parse_row
+from osstune.data.errors import DataError, Problem, RowError
+from osstune.data.formats import read_rows
+from osstune.data.masks import TRAIN_ON, train_mask
+from osstune.data.render import RenderOptions, harmony_encoding, render_for_training
+
+log = logging.getLogger("osstune.data")
+
+OVERFLOW = ("error", "truncate", "drop")
+_MAX_NOTES = 50
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    max_length: int | None = None  # tokens per row; None: no limit
+    overflow: str = "error"  # rows over max_length: "error" (list them), "truncate" (keep the start) or "drop"
+    train_on: str = "last"  # assistant messages trained: "last" turn, its "final" answers, or "all" (masks.py)
+    skip_invalid: bool = False  # False: invalid rows raise DataError; True: skipped and counted
+    max_problems: int = 20  # how many problems a DataError lists before reading stops
+    render: RenderOptions = field(default_factory=RenderOptions)
+
+    def __post_init__(self):
+        if self.overflow not in OVERFLOW:
+            raise ValueError(f"overflow={self.overflow!r}; expected one of {', '.join(OVERFLOW)}")
+        if self.train_on not in TRAIN_ON:
+            raise ValueError(f"train_on={self.train_on!r}; expected one of {', '.join(TRAIN_ON)}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length}; a row needs at least 2 tokens to train on")
+        if self.max_problems < 1:
+            raise ValueError(f"max_problems={self.max_problems}; expected at least 1")
+
+
+@dataclass(frozen=True)
+class TokenizedRow:
+    line: int  # where the row starts in its file
+    ids: np.ndarray  # (T,) uint32 harmony tokens
+    train: np.ndarray  # (T,) bool, True for training targets (see masks.py)
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    path: str
+    rows: int  # rows read, valid or not
+    kept: int
+    skipped_invalid: int
+    truncated: int
+    dropped_too_long: int
+    dropped_no_target: int  # rows left with no trained token (policy "final" or truncation)
+    tokens: int  # tokens of the kept rows
+    trained_tokens: int  # of which training targets
+    truncated_tokens: int  # tokens cut off by truncation
+    ignored_keys: tuple[str, ...]  # keys present in the data that osstune does not read
+    notes: tuple[str, ...]  # "file:line: what happened" for skipped, dropped and truncated rows (first 50)
+
+    def describe(self) -> str:
+        lines = [
+            f"{self.path}: {self.rows} rows read, {self.kept} kept, {self.tokens} tokens "
+            f"({self.trained_tokens} trained)",
+        ]
+        changes = [
+            (self.skipped_invalid, "skipped as invalid"),
+            (self.truncated, f"truncated ({self.truncated_tokens} tokens cut)"),
+            (self.dropped_too_long, "dropped as too long"),
+            (self.dropped_no_target, "dropped with no trained token"),
+        ]
+        lines += [f"  {n} {what}" for n, what in changes if n]
+        if self.ignored_keys:
+            lines.append(f"  keys not used by osstune: {', '.join(self.ignored_keys)}")
+        lines += [f"  {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+class TokenizedRows:
+    """Iterate over the valid, rendered rows of one data file."""
+
+    def __init__(self, path: str | Path, options: DataOptions = DataOptions()):
+        self.path = Path(path)
+        self.options = options
+        self.summary: DataSummary | None = None
+
+    def __iter__(self) -> Iterator[TokenizedRow]:
+        o = self.options
+        encoding = harmony_encoding()
+        counts = dict.fromkeys(
+            ("rows", "kept", "skipped_invalid", "truncated", "dropped_too_long", "dropped_no_target",
+             "tokens", "trained_tokens", "truncated_tokens"), 0
+        )
+        ignored: dict[str, None] = {}
+        notes: list[str] = []
+        problems: list[Problem] = []
+
+        def note(line: int, text: str) -> None:
+            if len(notes) < _MAX_NOTES:
+                notes.append(f"{self.path}:{line}: {text}")
+
+        for raw in read_rows(self.path):
+            counts["rows"] += 1
+            try:
+                if raw.error:
+                    raise RowError(raw.error)
+                parsed = parse_row(raw.value)
+            except RowError as e:
+                if not o.skip_invalid:
+                    problems.append(Problem(str(self.path), raw.line, str(e)))
+                    if len(problems) >= o.max_problems:
+                        break
+                    continue
+                counts["skipped_invalid"] += 1
+                note(raw.line, f"skipped: {e}")
+                continue
+            ignored.update(dict.fromkeys(parsed.ignored_keys))
+            ids = np.asarray(render_for_training(parsed.conversation, o.render), dtype=np.uint32)
+            train = train_mask(ids, o.train_on, encoding)
+            if o.max_length is not None and len(ids) > o.max_length:
+                if o.overflow == "error":
+                    problems.append(
+                        Problem(
+                            str(self.path), raw.line,
+                            f"{len(ids)} tokens, more than max_length={o.max_length}; raise max_length, "
+                            "or set overflow to 'truncate' or 'drop'",
+                        )
+                    )
+                    if len(problems) >= o.max_problems:
+                        break
+                    continue
+                if o.overflow == "drop":
+                    counts["dropped_too_long"] += 1
+                    note(raw.line, f"dropped: {len(ids)} tokens > max_length={o.max_length}")
+                    continue
+                counts["truncated"] += 1
+                counts["truncated_tokens"] += len(ids) - o.max_length
+                note(raw.line, f"truncated from {len(ids)} to {o.max_length} tokens")
+                ids, train = ids[: o.max_length], train[: o.max_length]
+            if not train.any():
+                # A row with no target would add nothing but a 0/0 to the loss.
+                counts["dropped_no_target"] += 1
+                note(raw.line, f"dropped: no trained token left (train_on={o.train_on!r}, {len(ids)} tokens)")
+                continue
+            counts["kept"] += 1
+            counts["tokens"] += len(ids)
+            counts["trained_tokens"] += int(train.sum())
+            yield TokenizedRow(raw.line, ids, train)
+
+        if problems:
+            hint = "Fix these rows, or pass skip_invalid=True (--skip-invalid) to skip invalid rows and count them."
+            if len(problems) >= o.max_problems:
+                hint = f"Stopped after {o.max_problems} problems. " + hint
+            raise DataError(problems, hint)
+        self.summary = DataSummary(str(self.path), **counts, ignored_keys=tuple(ignored), notes=tuple(notes))
+        s = self.summary
+        if s.kept < s.rows or s.truncated:
+            log.warning(
+                "%s: %d of %d rows not used (%d invalid, %d too long, %d without a trained token), %d truncated",
+                self.path, s.rows - s.kept, s.rows, s.skipped_invalid, s.dropped_too_long, s.dropped_no_target,
+                s.truncated,
+            )
+
+
+def tokenize_file(path: str | Path, options: DataOptions = DataOptions()) -> tuple[list[TokenizedRow], DataSummary]:
+    """All rows of a file in memory, with the summary (for small files; see cache.py for large ones)."""
+    reader = TokenizedRows(path, options)
+    rows = list(reader)
+    return rows, reader.summary
