@@ -38,7 +38,7 @@ def _ask(model, questions: list[tuple[str, str]], max_new_tokens: int) -> list[s
     from osstune.infer.chat import ChatSession
     from osstune.infer.generate import SamplingOptions
 
-    session = ChatSession(model, reasoning_effort="low", sampling=SamplingOptions(max_new_tokens=max_new_tokens))
+    session = ChatSession(model, sampling=SamplingOptions(max_new_tokens=max_new_tokens))
     answers = []
     for question, _ in questions:
         session.reset()

@@ -70,21 +70,33 @@ def _check_resume(cfg: TrainConfig, saved: dict) -> None:
         )
 
 
+def _stored_expert_format(model_ref: str) -> str:
+    from osstune.checkpoint import load_config, resolve_checkpoint
+    from osstune.config import PRESETS
+
+    if model_ref in PRESETS:
+        return PRESETS[model_ref].expert_format
+    return load_config(resolve_checkpoint(model_ref)).expert_format
+
+
+def _check_method(cfg: TrainConfig) -> None:
+    if cfg.method == "qlora" and _stored_expert_format(cfg.model) != "mxfp4":
+        raise ValueError(
+            f"method 'qlora' trains LoRA on frozen MXFP4 experts, but {cfg.model} stores bf16 experts; "
+            "use method 'lora' for it, or an MXFP4 checkpoint (osstune create --mxfp4)"
+        )
+
+
 def _prepare_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     from osstune.checkpoint import load_model
 
-    if cfg.method == "qlora":
-        model = load_model(cfg.model, dtype=dtype, device=device, packed_experts=True)
-        if model.config.expert_format != "mxfp4":
-            raise ValueError(
-                f"method 'qlora' trains LoRA on frozen MXFP4 experts, but {cfg.model} has {model.config.expert_format} "
-                "experts; use method 'lora' for it, or an MXFP4 checkpoint (osstune create --mxfp4)"
-            )
-    else:
-        # Full fine-tuning that leaves the experts frozen keeps MXFP4 experts packed (numerically the
-        # same weights, a quarter of the memory); LoRA and full training of experts use dense ones.
-        frozen_experts = cfg.method == "full" and not any(t in ("all", "experts", "mlp.experts") for t in cfg.full_targets)
-        model = load_model(cfg.model, dtype=dtype, device=device, packed_experts=frozen_experts)
+    # QLoRA, and full fine-tuning that leaves the experts frozen, keep MXFP4 experts packed as
+    # stored (the same weights in a quarter of the memory); LoRA and trained experts use dense ones.
+    frozen = cfg.method == "qlora" or (
+        cfg.method == "full" and not any(t in ("all", "experts", "mlp.experts") for t in cfg.full_targets)
+    )
+    packed = frozen and _stored_expert_format(cfg.model) == "mxfp4"
+    model = load_model(cfg.model, dtype=dtype, device=device, packed_experts=packed)
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.method in ("lora", "qlora"):
@@ -148,6 +160,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
     if resume:
         saved = ckpt.load_checkpoint(previous)
         _check_resume(cfg, saved[0].config)
+    _check_method(cfg)
     data = build_data(cfg)
 
     torch.manual_seed(cfg.seed)
