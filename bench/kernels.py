@@ -1,0 +1,331 @@
+"""Time osstune's training kernels against their baselines at gpt-oss-20b shapes (one GPU).
+
+    python bench/kernels.py                 # the table (about 3-5 minutes on an H100, compiles included)
+    python bench/kernels.py --only attention --sweep   # also try several attention tile shapes
+
+Each row is forward + backward (the gradients a LoRA step needs, unless the row says otherwise),
+median of triton.testing.do_bench on random bf16 data. TFLOP/s counts the matmul FLOPs the row must do
+(see docs/KERNELS.md); "vs" is baseline time / this row's time. Peak is the extra device memory one
+forward + backward allocates above its inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from osstune.kernels import (
+    ExpertLoRA,
+    chunked_cross_entropy,
+    moe_experts,
+    moe_experts_ref,
+    sink_flash_attention,
+)
+from osstune.kernels.attention import default_blocks
+
+H, I, E, TOP_K, N_Q, N_KV, D, VOCAB, WINDOW = 2880, 2880, 32, 4, 64, 8, 64, 201088, 128
+ROWS: list[dict] = []
+
+
+def bench(fn, grads_to_none=()) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=50, rep=300, grad_to_none=list(grads_to_none), return_mode="median")
+
+
+def host_ms(fn, iters: int = 10) -> float:
+    """Host time to enqueue one call (no sync inside): when it is near the device time, the row
+    measures Python and launch overhead rather than the GPU."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    host = (time.perf_counter() - t0) / iters * 1e3
+    torch.cuda.synchronize()
+    return host
+
+
+def peak_mb(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def record(group: str, name: str, shape: str, ms: float, flops: float | None, baseline: str | None, mb: float | None,
+           host: float | None = None):
+    row = dict(group=group, name=name, shape=shape, ms=ms, tflops=flops / ms / 1e9 if flops else None, mb=mb,
+               baseline=baseline, host=host)
+    ROWS.append(row)
+    print(f"  {group:9s} {name:34s} {shape:18s} {ms:9.3f} ms" + (f" {row['tflops']:7.1f} TFLOP/s" if flops else ""), flush=True)
+
+
+# ---------------------------------------------------------------- attention
+
+
+def attention_pairs(t: int, window: int | None) -> int:
+    """(query, key) pairs a causal (sliding) mask allows."""
+    if window is None:
+        return t * (t + 1) // 2
+    w = min(window, t)
+    return w * (w + 1) // 2 + (t - w) * w
+
+
+def flex_sink_attention_fn(t: int, window: int | None):
+    """FlexAttention + the sink as an LSE correction: out * sigmoid(lse - sink)."""
+    from torch.nn.attention import flex_attention as fa
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = q_idx >= kv_idx
+        if window is not None:
+            ok = ok & (q_idx - kv_idx < window)
+        return ok
+
+    block_mask = fa.create_block_mask(mask_mod, B=None, H=None, Q_LEN=t, KV_LEN=t, device="cuda")
+    flex = torch.compile(fa.flex_attention, dynamic=False)
+    aux = hasattr(fa, "AuxRequest")
+
+    def run(q, k, v, sinks):  # q (B, T, Q, D)
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        if aux:
+            out, extra = flex(qt, kt, vt, block_mask=block_mask, enable_gqa=True, return_aux=fa.AuxRequest(lse=True))
+            lse = extra.lse
+        else:
+            out, lse = flex(qt, kt, vt, block_mask=block_mask, enable_gqa=True, return_lse=True)
+        out = out * torch.sigmoid(lse - sinks.view(1, -1, 1)).unsqueeze(-1).to(out.dtype)
+        return out.transpose(1, 2)
+
+    return run
+
+
+def eager_sink_attention_fn(t: int, window: int | None):
+    from osstune.model import attention_allowed, sink_attention
+
+    idx = torch.arange(t, device="cuda")
+    allowed = attention_allowed(idx, idx, window)
+    return lambda q, k, v, sinks: sink_attention(q, k, v, sinks, allowed)
+
+
+def attention_inputs(t: int, gen_seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(gen_seed)
+    q = torch.randn(1, t, N_Q, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    k = torch.randn(1, t, N_KV, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    v = torch.randn(1, t, N_KV, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    sinks = torch.randn(N_Q, device="cuda", dtype=torch.float32, generator=g).requires_grad_()
+    return q, k, v, sinks
+
+
+def fwd_bwd(fn, inputs):
+    grad = torch.randn_like(inputs[0])
+
+    def step():
+        fn(*inputs).backward(grad)
+
+    return step
+
+
+def check_flex_lse_gradients() -> str:
+    """Does autograd flow through FlexAttention's LSE (the sink's gradient needs it)? Compare the
+    flex-with-sinks gradients with the float32 eager reference at a small size."""
+    t = 256
+    q, k, v, sinks = attention_inputs(t, 1)
+    grad = torch.randn_like(q)
+    errs = []
+    for fn in (flex_sink_attention_fn(t, None), eager_sink_attention_fn(t, None)):
+        out = fn(q, k, v, sinks)
+        errs.append([out.float()] + [x.float() for x in torch.autograd.grad(out, (q, k, v, sinks), grad)])
+    rel = [((a - b).norm() / b.norm()).item() for a, b in zip(*errs)]
+    return "flex-with-sinks vs eager, relative error out/dq/dk/dv/dsinks: " + " ".join(f"{r:.1e}" for r in rel)
+
+
+def run_attention(seqs, sweep: bool, profile_attention: bool) -> None:
+    print(check_flex_lse_gradients(), flush=True)
+    for t in seqs:
+        for window in (None, WINDOW):
+            label = "full" if window is None else f"sliding {window}"
+            shape = f"T={t}"
+            flops = 14 * attention_pairs(t, window) * D * N_Q  # fwd 2 matmuls, bwd 5, 2 FLOPs a MAC
+            inputs = attention_inputs(t)
+            ours = lambda q, k, v, s: sink_flash_attention(q, k, v, s, window=window)  # noqa: E731
+            base_name = f"ours {label}"
+            variants = [(base_name, ours, None), (f"flex+sink {label}", flex_sink_attention_fn(t, window), base_name)]
+            if t <= 4096:
+                variants.append((f"eager ref {label}", eager_sink_attention_fn(t, window), base_name))
+            for name, fn, baseline in variants:
+                step = fwd_bwd(fn, inputs)
+                record("attention", name, shape, bench(step, inputs), flops, baseline, peak_mb(step), host_ms(step))
+            if sweep:
+                sweep_attention_blocks(t, inputs, flops, window)
+            if profile_attention and t == seqs[0]:
+                profile(f"attention {label} T={t}", fwd_bwd(ours, inputs))
+
+
+def sweep_attention_blocks(t, inputs, flops, window=None) -> None:
+    """Forward tiles timed on the forward alone; dQ and dK/dV tiles each varied with the other at
+    its default, timed on forward + backward."""
+    q, k, v, s = inputs
+    base = default_blocks(t, window)
+    fwd_opts = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)]
+    if window is None:
+        for bm, bn, w, st in fwd_opts:
+            blocks = dataclasses.replace(base, fwd_m=bm, fwd_n=bn, fwd_warps=w, fwd_stages=st)
+            with torch.no_grad():
+                ms = bench(lambda: sink_flash_attention(q, k, v, s, blocks=blocks))
+            print(f"  sweep T={t} fwd m{bm} n{bn} w{w} s{st}: {ms:.3f} ms  {flops * 4 / 14 / ms / 1e9:.0f} TFLOP/s", flush=True)
+    tiles = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2)]
+    opts = [dict(dq_m=a, dq_n=b_, dq_warps=w, dq_stages=st) for a, b_, w, st in tiles]
+    opts += [dict(dkdv_n=a, dkdv_m=b_, dkdv_warps=w, dkdv_stages=st, dkdv_loop_group=lg)
+             for a, b_, w, st in tiles for lg in (False, True)]
+    for opt in opts:
+        blocks = dataclasses.replace(base, **opt)
+        fn = lambda q, k, v, s: sink_flash_attention(q, k, v, s, window=window, blocks=blocks)  # noqa: E731
+        ms = bench(fwd_bwd(fn, inputs), inputs)
+        print(f"  sweep T={t} window={window} fwd+bwd {opt}: {ms:.3f} ms  {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+
+
+def profile(name: str, step) -> None:
+    """Where one step's device time goes: the top kernels by CUDA time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(f"\n--- profile: {name} (3 steps) ---")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+# ---------------------------------------------------------------- MoE
+
+
+def moe_problem(n: int, rank: int | None, train_base: bool, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(n, H, generator=g, **bf).requires_grad_()
+    logits = torch.randn(n, E, generator=g, device="cuda")
+    top, idx = logits.topk(TOP_K, dim=-1)
+    weights = top.softmax(-1).to(torch.bfloat16).requires_grad_()
+    gate_up = (torch.randn(E, H, 2 * I, generator=g, **bf) * 0.02).requires_grad_(train_base)
+    gate_up_bias = torch.zeros(E, 2 * I, **bf).requires_grad_(train_base)
+    down = (torch.randn(E, I, H, generator=g, **bf) * 0.02).requires_grad_(train_base)
+    down_bias = torch.zeros(E, H, **bf).requires_grad_(train_base)
+    lora = None
+    if rank:
+        lora = ExpertLoRA(
+            (torch.randn(E, H, rank, generator=g, **bf) * 0.01).requires_grad_(),
+            torch.zeros(E, rank, 2 * I, **bf).requires_grad_(),
+            (torch.randn(E, I, rank, generator=g, **bf) * 0.01).requires_grad_(),
+            torch.zeros(E, rank, H, **bf).requires_grad_(),
+            2.0,
+        )
+    args = (x, idx, weights, gate_up, gate_up_bias, down, down_bias, 1.702, 7.0, lora)
+    leaves = [x, weights] + ([gate_up, gate_up_bias, down, down_bias] if train_base else [])
+    if lora:
+        leaves += [lora.a_gu, lora.b_gu, lora.a_d, lora.b_d]
+    return args, leaves
+
+
+def run_moe(seqs, profile_moe: bool) -> None:
+    for n in seqs:
+        shape = f"N={n}"
+        m = n * TOP_K
+        for label, rank, train_base in (("frozen base", None, False), ("LoRA r=8", 8, False), ("full FT", None, True)):
+            args, leaves = moe_problem(n, rank, train_base)
+            flops = 12 * m * H * I + (6 * m * H * I if train_base else 0)
+            grad = torch.randn_like(args[0])
+
+            def step(fn=moe_experts):
+                fn(*args).backward(grad)
+
+            record("moe", f"ours {label}", shape, bench(step, leaves), flops, None, peak_mb(step), host_ms(step))
+            if n <= 8192:
+                ref = lambda: step(moe_experts_ref)  # noqa: E731
+                record("moe", f"loop ref {label}", shape, bench(ref, leaves), flops, f"ours {label}", peak_mb(ref))
+            if profile_moe and rank:
+                profile(f"MoE {label} N={n}", step)
+            del args, leaves
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- cross-entropy
+
+
+def run_ce(seqs) -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weight = (torch.randn(VOCAB, H, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02)
+    for n in seqs:
+        shape = f"N={n}"
+        hidden = torch.randn(n, H, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        labels = torch.randint(0, VOCAB, (n,), generator=g, device="cuda")
+        for label, train_w in (("frozen lm_head", False), ("trained lm_head", True)):
+            weight.requires_grad_(train_w)
+            leaves = [hidden] + ([weight] if train_w else [])
+            flops = (6 if train_w else 4) * n * VOCAB * H
+
+            def unchunked():
+                F.cross_entropy((hidden @ weight.t()).float(), labels).backward()
+
+            rows = []
+            for chunk in (1024, 2048, 4096):
+                step = lambda chunk=chunk: chunked_cross_entropy(hidden, weight, labels, chunk_size=chunk).backward()  # noqa: E731
+                rows.append((f"chunked {chunk} {label}", step))
+            for name, step in rows:
+                record("ce", name, shape, bench(step, leaves), flops, None, peak_mb(step), host_ms(step, 3))
+            record("ce", f"unchunked {label}", shape, bench(unchunked, leaves), flops, f"chunked 2048 {label}",
+                   peak_mb(unchunked))
+            weight.grad = None
+
+
+def print_table() -> None:
+    by_name = {(r["group"], r["name"], r["shape"]): r for r in ROWS}
+    print()
+    print("| kernel | variant | shape | ms | TFLOP/s | peak MiB | host ms | ours faster by |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in ROWS:
+        ratio = ""
+        if r["baseline"]:
+            base = by_name.get((r["group"], r["baseline"], r["shape"]))
+            if base:
+                ratio = f"{r['ms'] / base['ms']:.2f}x"
+        tf = f"{r['tflops']:.0f}" if r["tflops"] else ""
+        mb = f"{r['mb']:.0f}" if r["mb"] is not None else ""
+        host = f"{r['host']:.2f}" if r["host"] is not None else ""
+        print(f"| {r['group']} | {r['name']} | {r['shape']} | {r['ms']:.3f} | {tf} | {mb} | {host} | {ratio} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["attention", "moe", "ce"], action="append")
+    parser.add_argument("--seqs", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--sweep", action="store_true", help="also sweep attention tile shapes")
+    parser.add_argument("--profile", action="store_true", help="print kernel-time breakdowns (MoE with LoRA, attention)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py needs a CUDA GPU")
+    import triton
+
+    print(f"{time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()} torch {torch.__version__} "
+          f"triton {triton.__version__}", flush=True)
+    only = args.only or ["attention", "moe", "ce"]
+    t0 = time.time()
+    for part, fn in (("attention", lambda: run_attention(args.seqs, args.sweep, args.profile)), ("moe", lambda: run_moe(args.seqs, args.profile)),
+                     ("ce", lambda: run_ce(args.seqs))):
+        if part in only:
+            fn()
+            print(f"[{part} done at {time.time() - t0:.0f} s]", flush=True)
+            torch.cuda.empty_cache()
+    print_table()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Grouped-GEMM experts (osstune.kernels.moe) against the per-expert loop, forward and backward.
+
+Ragged loads: a random routing, one where an expert receives no token, one where every token picks
+the same expert. CPU cases run the grouped-GEMM loop fallback with the SwiGLU under Triton's
+interpreter and with the plain-PyTorch SwiGLU; GPU cases run torch's grouped GEMM in bf16.
+Truth is the loop reference in float64 on the same (rounded) inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+from osstune.kernels._backend import triton_installed, triton_interpreter_problem
+
+if not torch.cuda.is_available() and triton_installed():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from osstune.kernels.moe import (  # noqa: E402
+    ExpertLoRA,
+    MoEInputError,
+    clamped_swiglu_ref,
+    grouped_mm,
+    grouped_mm_loop,
+    moe_experts,
+    moe_experts_ref,
+)
+from osstune.model import clamped_swiglu  # noqa: E402
+
+ALPHA, LIMIT = 1.702, 7.0
+# (N tokens, H, I, E, k, LoRA rank or None, load)
+CPU_CASES = [
+    (37, 16, 24, 5, 2, None, "random"),
+    (29, 16, 8, 4, 2, 3, "empty_expert"),
+    (21, 8, 16, 6, 3, 4, "one_expert_all"),
+    (13, 1040, 8, 4, 2, None, "random"),  # H over one 1024-wide combine tile
+]
+GPU_CASES = [
+    (300, 64, 96, 8, 4, 8, "random"),
+    (257, 128, 64, 16, 4, 5, "empty_expert"),
+    (190, 64, 64, 8, 2, 16, "one_expert_all"),
+    (1024, 256, 384, 32, 4, 8, "random"),
+]
+# Relative L2 error vs float64. float32 stays near 1e-6. In bf16 the gradients that pass through the
+# clamped SwiGLU (x, gate_up, its bias, the gate_up LoRA) reach ~5%: a gate or up value rounded to the
+# other side of the clamp bound (+-7) switches its derivative on or off. The per-expert loop run in
+# bf16 shows the same error, so bf16 results must stay within TOL or within 1.5x that loop's error.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+BF16_VS_LOOP = 1.5
+
+
+def _params():
+    out = [pytest.param("cpu", torch.float32, c, id=f"cpu-{c}") for c in CPU_CASES]
+    out += [pytest.param("cuda", torch.bfloat16, c, marks=pytest.mark.gpu, id=f"cuda-{c}") for c in GPU_CASES]
+    return out
+
+
+def _routing(n: int, e: int, k: int, load: str, gen: torch.Generator):
+    logits = torch.randn(n, e, generator=gen, dtype=torch.float64)
+    if load == "empty_expert":
+        logits[:, 1] = float("-inf")
+    elif load == "one_expert_all":
+        logits[:, e - 1] += 100.0
+    top, idx = logits.topk(k, dim=-1)
+    return idx, top.softmax(dim=-1)
+
+
+def _problem(case, gen):
+    n, h, i, e, k, rank, load = case
+    scale = 0.1
+    x = torch.randn(n, h, generator=gen, dtype=torch.float64)
+    idx, weights = _routing(n, e, k, load, gen)
+    tensors = {
+        "x": x,
+        "weights": weights,
+        # Large enough that some gate/up values leave the clamp range [-7, 7].
+        "gate_up": torch.randn(e, h, 2 * i, generator=gen, dtype=torch.float64) * 3 / h**0.5 * 3,
+        "gate_up_bias": torch.randn(e, 2 * i, generator=gen, dtype=torch.float64),
+        "down": torch.randn(e, i, h, generator=gen, dtype=torch.float64) / i**0.5,
+        "down_bias": torch.randn(e, h, generator=gen, dtype=torch.float64),
+    }
+    if rank:
+        tensors |= {
+            "a_gu": torch.randn(e, h, rank, generator=gen, dtype=torch.float64) / h**0.5,
+            "b_gu": torch.randn(e, rank, 2 * i, generator=gen, dtype=torch.float64),
+            "a_d": torch.randn(e, i, rank, generator=gen, dtype=torch.float64) / i**0.5,
+            "b_d": torch.randn(e, rank, h, generator=gen, dtype=torch.float64),
+        }
+    return idx, tensors, scale
+
+
+def _call(fn, idx, t, scale):
+    lora = ExpertLoRA(t["a_gu"], t["b_gu"], t["a_d"], t["b_d"], scale) if "a_gu" in t else None
+    return fn(t["x"], idx, t["weights"], t["gate_up"], t["gate_up_bias"], t["down"], t["down_bias"], ALPHA, LIMIT, lora)
+
+
+def _skip_unless_runnable(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if device == "cpu" and torch.cuda.is_available():
+        pytest.skip("CPU cases run on machines without a GPU")
+
+
+@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "torch"])
+@pytest.mark.parametrize("device,dtype,case", _params())
+def test_matches_loop_reference(device, dtype, case, use_triton, monkeypatch):
+    _skip_unless_runnable(device)
+    if device == "cpu" and use_triton and triton_interpreter_problem():
+        pytest.skip(triton_interpreter_problem())
+    if not use_triton:
+        if device == "cuda":
+            pytest.skip("the PyTorch SwiGLU and combine are the CPU fallback")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    idx, t, scale = _problem(case, gen)
+    grad_out = torch.randn(case[0], case[1], generator=gen, dtype=torch.float64)
+
+    want_leaves = {name: x.to(dtype).double().requires_grad_() for name, x in t.items()}
+    want = _call(moe_experts_ref, idx, want_leaves, scale)
+    want_grads = torch.autograd.grad(want, list(want_leaves.values()), grad_out)
+
+    leaves = {name: x.to(device=device, dtype=dtype).requires_grad_() for name, x in t.items()}
+    idx_dev, grad_dev = idx.to(device), grad_out.to(device=device, dtype=dtype)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # the fast path must never wait on the device
+    try:
+        got = _call(moe_experts, idx_dev, leaves, scale)
+        grads = torch.autograd.grad(got, list(leaves.values()), grad_dev)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+
+    baseline = {}
+    if dtype != torch.float32:
+        loop_leaves = {name: x.to(device=device, dtype=dtype).requires_grad_() for name, x in t.items()}
+        loop_out = _call(moe_experts_ref, idx_dev, loop_leaves, scale)
+        loop_grads = torch.autograd.grad(loop_out, list(loop_leaves.values()), grad_dev)
+        for name, g, w in zip(["out", *leaves], (loop_out, *loop_grads), (want, *want_grads)):
+            baseline[name] = ((g.double().cpu() - w).norm() / w.norm()).item()
+
+    for name, g, w in zip(["out", *leaves], (got, *grads), (want, *want_grads)):
+        g = g.double().cpu()
+        assert torch.isfinite(g).all(), name
+        err = ((g - w).norm() / w.norm()).item()
+        bound = max(TOL[dtype], BF16_VS_LOOP * baseline.get(name, 0.0))
+        assert err < bound, f"{name}: relative error {err:.2e} >= {bound:.1e} (bf16 loop: {baseline.get(name)})"
+
+
+def test_ref_equals_model_experts():
+    """moe_experts_ref computes what osstune.model's Experts module does (no LoRA), and its SwiGLU
+    is the model's."""
+    from osstune.config import ModelConfig
+    from osstune.model import Experts
+
+    gen = torch.Generator().manual_seed(3)
+    cfg = ModelConfig(num_hidden_layers=1, num_local_experts=6, num_experts_per_tok=2, hidden_size=16, intermediate_size=8)
+    experts = Experts(cfg).double()
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    x = torch.randn(19, 16, generator=gen, dtype=torch.float64)
+    idx, weights = _routing(19, 6, 2, "random", gen)
+    want = experts(x, idx, weights)
+    got = moe_experts_ref(x, idx, weights, experts.gate_up_proj, experts.gate_up_proj_bias, experts.down_proj,
+                          experts.down_proj_bias, cfg.swiglu_alpha, cfg.swiglu_limit)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    z = torch.randn(5, 12, generator=gen, dtype=torch.float64) * 8
+    torch.testing.assert_close(clamped_swiglu_ref(z, ALPHA, LIMIT), clamped_swiglu(z, ALPHA, LIMIT))
+
+
+@pytest.mark.gpu
+def test_grouped_mm_matches_loop_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(100, 64, generator=gen).cuda().bfloat16()
+    b = torch.randn(5, 64, 40, generator=gen).cuda().bfloat16()
+    offs = torch.tensor([0, 30, 30, 99, 100], dtype=torch.int32, device="cuda")  # empty first and third
+    torch.testing.assert_close(grouped_mm(a, b, offs).float(), grouped_mm_loop(a, b, offs).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bad_shapes_raise():
+    x = torch.randn(4, 8)
+    idx = torch.zeros(4, 2, dtype=torch.long)
+    w = torch.ones(4, 2)
+    gu, gub, dn, dnb = torch.randn(3, 8, 12), torch.randn(3, 12), torch.randn(3, 6, 8), torch.randn(3, 8)
+    with pytest.raises(MoEInputError, match="down has shape"):
+        moe_experts(x, idx, w, gu, gub, torch.randn(3, 5, 8), dnb, ALPHA, LIMIT)
+    with pytest.raises(MoEInputError, match="lora.b_d"):
+        lora = ExpertLoRA(torch.randn(3, 8, 2), torch.randn(3, 2, 12), torch.randn(3, 6, 2), torch.randn(3, 3, 8), 1.0)
+        moe_experts(x, idx, w, gu, gub, dn, dnb, ALPHA, LIMIT, lora)
+    with pytest.raises(MoEInputError, match="idx and weights"):
+        moe_experts(x, idx[:3], w, gu, gub, dn, dnb, ALPHA, LIMIT)
