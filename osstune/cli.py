@@ -14,6 +14,7 @@ _COMMANDS = (
     ("osstune.data.cli", "add_commands"),
     ("osstune.train.cli", "add_commands"),
     ("osstune.infer.cli", "add_commands"),
+    ("osstune.export", "add_command"),
 )
 
 
