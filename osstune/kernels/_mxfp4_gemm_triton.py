@@ -1,0 +1,158 @@
+"""Triton bodies of the MXFP4 grouped GEMMs (launchers and references in mxfp4_gemm.py).
+
+Weights stay packed: each program loads a (rows, BLOCK_K / 2) byte tile plus its (rows, BLOCK_K / 32)
+scales and decodes it to bf16 in registers right before the MMA; no dense copy of any expert exists.
+
+Decoding, per nibble c (sign bit 3, exponent bits 2-1, mantissa bit 0) with scale byte s: move the
+sign to bit 31 and the three other bits to bits 24-22, the lowest exponent bits and the top mantissa
+bit of a float32. That float32 is exactly value(c) * 2**-126 (the codes 0 and +-0.5 land on float32
+subnormals, which is how e2m1 encodes them too), so two multiplies, by 2**126 and by
+2**(s - 127) = bitcast(s << 23), give the weight exactly; it then fits bf16 exactly. No lookup
+table, no select. Exact for 2 <= s <= 252 (outside, the weight itself is subnormal or overflows;
+checkpoints stay far inside). It relies on float32 multiplies that keep subnormal inputs: Triton
+emits `mul.f32` without `.ftz` (checked in the sm_90 PTX and SASS, see docs/QLORA.md).
+
+Grouping without a host sync: the grid is an upper bound on the row tiles (M // BLOCK_M + E + 1) and
+every program finds its expert and row range from `offs` with a vectorised prefix sum over the
+experts (`_tile_rows`); surplus programs return at once. Rows past offs[E - 1] form one more group
+whose output is written as zeros (what the loop fallback in moe.py returns for them).
+
+Shape legend: M rows (sorted by expert), K input features, N output features, E experts,
+G = K / 32 scale groups; x (M, K), dy (M, N), blocks (E, N, G, 16) uint8, scales (E, N, G) uint8.
+"""
+
+import triton
+import triton.language as tl
+
+_TWO_POW_126 = tl.constexpr(2.0**126)
+
+
+@triton.jit
+def _tile_rows(Offs, tile, M, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    """-> (group, row0, row_end) of row tile `tile`: group E is the tail after offs[E - 1]; a tile
+    beyond the last one gets row0 >= row_end."""
+    g = tl.arange(0, E_PAD)
+    end = tl.load(Offs + g, mask=g < E, other=M)  # the tail group and the padding end at M
+    start = tl.load(Offs + g - 1, mask=(g > 0) & (g <= E), other=0)
+    start = tl.where(g > E, M, start)
+    n_tiles = tl.cdiv(tl.maximum(end - start, 0), BLOCK_M)
+    last = tl.cumsum(n_tiles, 0)  # tiles of groups <= g
+    group = tl.sum((last <= tile).to(tl.int32), 0)
+    sel = g == group
+    first = tl.sum(tl.where(sel, last - n_tiles, 0), 0)
+    row0 = tl.sum(tl.where(sel, start, 0), 0) + (tile - first) * BLOCK_M
+    row_end = tl.sum(tl.where(sel, end, 0), 0)
+    return group, row0, row_end
+
+
+@triton.jit
+def _decode(Blocks, Scales, n_idx, n_ok, k0, K, stride_bn, stride_sn,
+            ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Rows n_idx (ROWS,) of one expert, columns [k0, k0 + COLS) -> (ROWS, COLS) float32 holding
+    bf16-exact weights; k0 is a multiple of 32. Masked rows and columns decode to 0."""
+    byte = k0 // 2 + tl.arange(0, COLS // 2)  # a row's K / 2 bytes are contiguous: coalesced loads
+    ok = n_ok[:, None] & (byte < K // 2)[None, :]  # (ROWS, COLS / 2)
+    n = n_idx.to(tl.int64)
+    packed = tl.load(Blocks + n[:, None] * stride_bn + byte[None, :], mask=ok, other=0).to(tl.int32)
+    # One scale per 32 values: load (ROWS, COLS / 32) and broadcast over the 16 bytes of each group
+    # (a per-byte gather of the scale costs 16x the load instructions).
+    g = k0 // 32 + tl.arange(0, COLS // 32)
+    sc = tl.load(Scales + n[:, None] * stride_sn + g[None, :], mask=n_ok[:, None] & (g < K // 32)[None, :], other=0)
+    sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (ROWS, COLS // 32, 16)), (ROWS, COLS // 2))
+    scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2**(s - 127)
+    # e2m1 bits (sign 3, exponent 2-1, mantissa 0) moved to float32's sign, lowest exponent bits
+    # and top mantissa bit: the float32 is value * 2**-126, a subnormal for the codes 0 and +-0.5.
+    lo = (((packed & 7) << 22) | ((packed & 8) << 28)).to(tl.float32, bitcast=True)  # even k (low nibble)
+    hi = (((packed & 0x70) << 18) | ((packed & 0x80) << 24)).to(tl.float32, bitcast=True)  # odd k
+    lo = lo * _TWO_POW_126 * scale
+    hi = hi * _TWO_POW_126 * scale
+    return tl.reshape(tl.join(lo, hi), (ROWS, COLS))  # (ROWS, COLS / 2, 2) -> k order
+
+
+@triton.jit
+def _mxfp4_mm(X, Blocks, Scales, Offs, Y, M, N, K, E,
+              stride_xm, stride_ym, stride_be, stride_bn, stride_se, stride_sn,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              E_PAD: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr):
+    """y[m, n] = sum_k x[m, k] * W_e[n, k] for the rows m of expert e. Grid (N tiles, row tiles): the
+    N tiles of one row tile run side by side, so its x tile is read from HBM once and then from L2."""
+    pid_n = tl.program_id(0)
+    expert, row0, row_end = _tile_rows(Offs, tl.program_id(1), M, E, BLOCK_M, E_PAD)
+    if row0 >= row_end:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    rows = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y tile transposed
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Group E holds the rows past offs[E - 1]: no K steps, zeros. (A loop bound rather than an `if`
+    # around the loop keeps the loop at the top level, where Triton's software pipeliner finds it.)
+    k_end = tl.where(expert < E, K, 0)
+    expert = tl.minimum(expert, E - 1).to(tl.int64)
+    blocks = Blocks + expert * stride_be
+    scales = Scales + expert * stride_se
+    for k0 in range(0, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
+                    other=0.0)  # (BLOCK_M, BLOCK_K)
+        w = _decode(blocks, scales, cols, col_ok, k0, K, stride_bn, stride_sn,
+                    BLOCK_N, BLOCK_K).to(x.dtype)  # (BLOCK_N, BLOCK_K), exact in bf16
+        if SWAP:
+            # The decoded tile is the left operand: Hopper's wgmma can take that one from registers.
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    if SWAP:
+        out = tl.trans(acc)
+    else:
+        out = acc
+    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], out.to(Y.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _mxfp4_mm_t(DY, Blocks, Scales, Offs, DX, M, N, K, E,
+                stride_dym, stride_dxm, stride_be, stride_bn, stride_se, stride_sn,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                E_PAD: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr):
+    """dx[m, k] = sum_n dy[m, n] * W_e[n, k]: the reduction runs over N, and the (BLOCK_N, BLOCK_K)
+    byte tile of W_e is already the right operand's layout (no transpose of the decoded tile).
+    Grid (K tiles, row tiles)."""
+    pid_k = tl.program_id(0)
+    expert, row0, row_end = _tile_rows(Offs, tl.program_id(1), M, E, BLOCK_M, E_PAD)
+    if row0 >= row_end:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    rows = rows.to(tl.int64)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    if SWAP:
+        acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)  # dx tile transposed
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    n_end = tl.where(expert < E, N, 0)  # the tail group: zeros
+    expert = tl.minimum(expert, E - 1).to(tl.int64)
+    blocks = Blocks + expert * stride_be
+    scales = Scales + expert * stride_se
+    for n0 in range(0, n_end, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        n_ok = ns < N
+        dy = tl.load(DY + rows[:, None] * stride_dym + ns[None, :], mask=row_ok[:, None] & n_ok[None, :],
+                     other=0.0)  # (BLOCK_M, BLOCK_N)
+        w = _decode(blocks, scales, ns, n_ok, pid_k * BLOCK_K, K, stride_bn, stride_sn,
+                    BLOCK_N, BLOCK_K).to(dy.dtype)  # (BLOCK_N, BLOCK_K), exact in bf16
+        if SWAP:
+            acc = tl.dot(tl.trans(w), tl.trans(dy), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+    if SWAP:
+        out = tl.trans(acc)
+    else:
+        out = acc
+    tl.store(DX + rows[:, None] * stride_dxm + ks[None, :], out.to(DX.dtype.element_ty),
+             mask=row_ok[:, None] & k_ok[None, :])
