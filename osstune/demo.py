@@ -16,7 +16,7 @@ from pathlib import Path
 def add_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="create the tiny model, LoRA-fine-tune it on the sample persona data, compare answers")
     p.add_argument("--output", default="runs/demo", help="where the demo writes its model, run and adapter (default runs/demo)")
-    p.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
+    p.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -94,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
         output=str(run_dir),
         method="lora",
         data=DataConfig(path=str(data), seq_len=512),
-        optim=OptimConfig(lr=4e-3, warmup_steps=5, schedule="cosine", min_lr_ratio=0.1),
-        lora=LoraConfig(r=16, alpha=32, targets="all"),
+        optim=OptimConfig(lr=3e-3, warmup_steps=5, schedule="cosine", min_lr_ratio=0.1),
+        # A high rank for a 128-wide model: the demo has minutes, not hours, to memorize 40 answers.
+        lora=LoraConfig(r=64, alpha=128, targets="all"),
         steps=args.steps,
         micro_batch=1,
         grad_accum=1,
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         log_every=max(1, args.steps // 10),
     )
-    print(f"3. LoRA fine-tuning (rank 16 on attention and experts) for {args.steps} steps on {data.name}")
+    print(f"3. LoRA fine-tuning (rank 64 on attention and experts) for {args.steps} steps on {data.name}")
     result = train(cfg)
     print()
 
@@ -119,10 +120,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"   Q: {q}\n   before: {_shorten(a0)}\n   after:  {_shorten(a1)}")
         print(f"   taught: {taught}  [{'matches' if ok else 'differs'}]")
     print()
-    styled = sum(a.startswith("Osmo here!") for a in after)
+    # The persona opens every answer with a greeting ("Osmo here!", "Osmo đây!") in the question's language.
+    greetings = [taught.split("!")[0] + "!" for _, taught in questions]
+    styled = sum(a.startswith(g) for a, g in zip(after, greetings))
+    styled_before = sum(a.startswith(g) for a, g in zip(before, greetings))
     print(
-        f"Result: {learned}/3 answers equal the taught ones, {styled}/3 use the persona's greeting "
-        f"(before training: {sum(a.startswith('Osmo here!') for a in before)}/3). "
+        f"Result: {learned}/3 answers equal the taught ones, {styled}/3 open with the persona's greeting "
+        f"(before training: {styled_before}/3). "
         f"Loss {result.losses[0]:.2f} -> {result.final_loss:.2f} in {time.perf_counter() - t0:.0f} s."
     )
     print(f"Adapter (PEFT format): {result.artifact}; loss curve: {run_dir / 'loss.png'}; metrics: {run_dir / 'metrics.jsonl'}")
