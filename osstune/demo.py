@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         output=str(run_dir),
         method="lora",
         data=DataConfig(path=str(data), seq_len=512),
-        optim=OptimConfig(lr=3e-3, warmup_steps=5, schedule="cosine", min_lr_ratio=0.1),
+        optim=OptimConfig(lr=3e-3, warmup_steps=min(5, args.steps // 4), schedule="cosine", min_lr_ratio=0.1),
         # A high rank for a 128-wide model: the demo has minutes, not hours, to memorize 40 answers.
         lora=LoraConfig(r=64, alpha=128, targets="all"),
         steps=args.steps,
