@@ -18,11 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from osstune.checkpoint import load_config, load_model, save_model
-from osstune.checkpoint.convert import pack_experts, quantize_mxfp4_fast, unpack_experts
+from osstune.checkpoint.convert import pack_experts, unpack_experts
 from osstune.checkpoint.layout import tensor_specs
 from osstune.config import ModelConfig, preset
 from osstune.model import GptOss
-from osstune.quant.mxfp4 import dequantize_mxfp4, quantize_mxfp4
+from osstune.quant.mxfp4 import dequantize_mxfp4, quantize_mxfp4, quantize_mxfp4_ref
 
 # Milliseconds per model, with every feature: both layer kinds, GQA, 4 experts top-2. Written out
 # rather than derived from the `tiny` preset, which may change.
@@ -149,7 +149,7 @@ def test_packing_a_bf16_checkpoint_at_load_matches_the_reference_quantizer(tmp_p
     dense = load_model(tmp_path / "bf").state_dict()
     packed = load_model(tmp_path / "bf", packed_experts=True).state_dict()
     e = "model.layers.1.mlp.experts."
-    blocks, scales = quantize_mxfp4(dense[e + "gate_up_proj"].transpose(1, 2))
+    blocks, scales = quantize_mxfp4_ref(dense[e + "gate_up_proj"].transpose(1, 2))
     assert torch.equal(packed[e + "gate_up_proj_blocks"], blocks)
     assert torch.equal(packed[e + "gate_up_proj_scales"], scales)
 
@@ -180,8 +180,8 @@ def test_fast_quantizer_equals_reference(dtype):
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.5, 7.0, 6.5, -0.25, -0.75, -5.0, 0.1, -7.9, 8])
     w[1, :, :] = ties.repeat(8).view(1, 128) * torch.tensor([1.0, 2.0, 0.5, 4.0, 1.0, 2**-20, 2**20, 1.0]).view(8, 1)
     w = w.to(dtype)
-    fast_blocks, fast_scales = quantize_mxfp4_fast(w)
-    ref_blocks, ref_scales = quantize_mxfp4(w)
+    fast_blocks, fast_scales = quantize_mxfp4(w)
+    ref_blocks, ref_scales = quantize_mxfp4_ref(w)
     assert torch.equal(fast_blocks, ref_blocks) and torch.equal(fast_scales, ref_scales)
 
 
@@ -189,7 +189,7 @@ def test_pack_unpack_experts_against_reference():
     w = torch.randn(3, 64, 96, generator=torch.Generator().manual_seed(3))  # (E, in, out)
     blocks, scales = pack_experts(w)
     assert blocks.shape == (3, 96, 2, 16) and scales.shape == (3, 96, 2)
-    ref_b, ref_s = quantize_mxfp4(w.transpose(1, 2))
+    ref_b, ref_s = quantize_mxfp4_ref(w.transpose(1, 2))
     assert torch.equal(blocks, ref_b) and torch.equal(scales, ref_s)
     assert torch.equal(unpack_experts(blocks, scales, torch.float32), dequantize_mxfp4(ref_b, ref_s, torch.float32).transpose(1, 2))
 

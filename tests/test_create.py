@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from osstune.checkpoint import load_model
 from osstune.config import ModelConfig, preset
 from osstune.create import add_command, create_checkpoint
-from osstune.quant.mxfp4 import quantize_mxfp4
+from osstune.quant.mxfp4 import quantize_mxfp4_ref as quantize_mxfp4
 
 CFG = ModelConfig(
     num_hidden_layers=2,
