@@ -14,6 +14,8 @@ K key/value heads, G = Q / K, D head dim, E experts, I expert intermediate, N ro
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -110,6 +112,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.d)
         self.o_proj = nn.Linear(self.n_q * self.d, h)
         self.sinks = nn.Parameter(torch.zeros(self.n_q))
+        # Hook for a fused kernel (osstune.fast sets it): (q, k, v, sinks, window, ctx) -> (B, T, Q, D).
+        # A plain attribute, not a submodule, so the state dict stays the checkpoint's.
+        self.attention_impl: Callable | None = None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, t, _ = x.shape
@@ -118,8 +123,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.d)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)
-        allowed = ctx.sliding_allowed if self.window is not None else ctx.full_allowed
-        out = sink_attention(q, k, v, self.sinks, allowed)
+        if self.attention_impl is not None:
+            out = self.attention_impl(q, k, v, self.sinks, self.window, ctx)
+        else:
+            allowed = ctx.sliding_allowed if self.window is not None else ctx.full_allowed
+            out = sink_attention(q, k, v, self.sinks, allowed)
         return self.o_proj(out.reshape(b, t, self.n_q * self.d))
 
 
@@ -214,11 +222,16 @@ class MoE(nn.Module):
         super().__init__()
         self.router = Router(cfg)
         self.experts = MXFP4Experts(cfg) if cfg.expert_format == "mxfp4" else Experts(cfg)
+        # Hook for a fused kernel (osstune.fast sets it): (experts, x, idx, weights) -> (N, H). It gets
+        # the current experts module on every call, so wrapping or replacing `experts` later stays seen.
+        self.experts_impl: Callable | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         idx, weights = self.router(x)
+        if self.experts_impl is not None:
+            return self.experts_impl(self.experts, x, idx, weights).view(shape)
         return self.experts(x, idx, weights).view(shape)
 
 
@@ -257,14 +270,28 @@ class KVCache:
 
 @dataclass
 class ForwardContext:
-    """What every layer of one forward pass shares: rotary tables, masks and the cache."""
+    """What every layer of one forward pass shares: rotary tables, token indices, documents, the cache.
+
+    The dense (B|1, T, S) masks are built on first use: kernels that take `doc_ids` and the window
+    directly never need them.
+    """
 
     cos: torch.Tensor
     sin: torch.Tensor
-    full_allowed: torch.Tensor
-    sliding_allowed: torch.Tensor
+    q_index: torch.Tensor  # (T,) stream positions of the new tokens (after the cache)
+    k_index: torch.Tensor  # (S,)
+    sliding_window: int
+    doc_ids: torch.Tensor | None = None  # (B, T)
     cache: KVCache | None = None
     extras: dict = field(default_factory=dict)
+
+    @functools.cached_property
+    def full_allowed(self) -> torch.Tensor:
+        return attention_allowed(self.q_index, self.k_index, None, self.doc_ids, self.doc_ids)
+
+    @functools.cached_property
+    def sliding_allowed(self) -> torch.Tensor:
+        return attention_allowed(self.q_index, self.k_index, self.sliding_window, self.doc_ids, self.doc_ids)
 
 
 class Backbone(nn.Module):
@@ -285,6 +312,9 @@ class GptOss(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        # Extra keyword arguments of torch.utils.checkpoint.checkpoint (e.g. a selective policy's
+        # context_fn, set by osstune.fast).
+        self.checkpoint_options: dict = {}
 
     def forward(
         self,
@@ -311,18 +341,11 @@ class GptOss(nn.Module):
         if position_ids is None:
             position_ids = q_index.unsqueeze(0).expand(b, t)
         cos, sin = self.model.rotary(position_ids)
-        cfg = self.config
-        ctx = ForwardContext(
-            cos=cos,
-            sin=sin,
-            full_allowed=attention_allowed(q_index, k_index, None, doc_ids, doc_ids),
-            sliding_allowed=attention_allowed(q_index, k_index, cfg.sliding_window, doc_ids, doc_ids),
-            cache=cache,
-        )
+        ctx = ForwardContext(cos, sin, q_index, k_index, self.config.sliding_window, doc_ids, cache)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, ctx, use_reentrant=False)
+                x = checkpoint(layer, x, ctx, use_reentrant=False, **self.checkpoint_options)
             else:
                 x = layer(x, ctx)
         x = self.model.norm(x)

@@ -52,6 +52,10 @@ class TrainConfig:
     micro_batch: int = 1
     grad_accum: int = 1
     gradient_checkpointing: bool = True
+    # Attention and experts through osstune's kernels (osstune/fast.py): "auto" = on a CUDA GPU,
+    # "always" (also on the CPU, slow: for tests), "never" (the reference model). Not on/off:
+    # YAML reads those as booleans.
+    fast: Literal["auto", "always", "never"] = "auto"
     # "auto": bfloat16 compute on a GPU, float32 on the CPU.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: str = "auto"
@@ -78,4 +82,4 @@ class TrainConfig:
 
 
 # Fields that may differ when a run is resumed (they do not change what was computed so far).
-RESUMABLE_CHANGES = frozenset({"steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "device"})
+RESUMABLE_CHANGES = frozenset({"steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "device", "fast"})

@@ -1,9 +1,11 @@
 """Next-token cross-entropy from hidden states, a chunk of tokens at a time.
 
-The reference path: when the float32 logits of all trained tokens would exceed `budget` bytes, each
-chunk's logits are recomputed in the backward pass instead of stored, so the full
-(tokens x 201,088) logits never exist at once; below it, recomputing would only cost time. The GPU fast path replaces this
-with a fused kernel (osstune.kernels) tested against it.
+`cross_entropy_sum` is the one place that picks the implementation: on CUDA the fused chunked
+kernel (`osstune.kernels.chunked_cross_entropy_sum`: logits, loss and gradients per chunk, float32
+logits, no boolean indexing, so no host sync), tested against the reference; elsewhere the
+reference below. The reference: when the float32 logits of all trained tokens would exceed
+`budget` bytes, each chunk's logits are recomputed in the backward pass instead of stored, so the
+full (tokens x 201,088) logits never exist at once; below it, recomputing would only cost time.
 """
 
 from __future__ import annotations
@@ -12,7 +14,23 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from osstune.kernels import chunked_cross_entropy_sum
+
 IGNORE = -100
+
+
+def cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 2048, budget: int = 1 << 30
+) -> torch.Tensor:
+    """hidden (N, H), weight (V, H), labels (N,) with -100 = not trained -> summed loss (float32).
+
+    On CUDA the kernel computes the gradients during this call (they are the backward's only
+    work), so call it where a backward follows, or under torch.no_grad (then it skips them).
+    """
+    if hidden.is_cuda:
+        total, _ = chunked_cross_entropy_sum(hidden, weight, labels, IGNORE, chunk)
+        return total
+    return cross_entropy_sum_ref(hidden, weight, labels, chunk, budget)
 
 
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -20,10 +38,10 @@ def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> 
     return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
 
 
-def cross_entropy_sum(
+def cross_entropy_sum_ref(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 2048, budget: int = 1 << 30
 ) -> torch.Tensor:
-    """hidden (N, H), weight (V, H), labels (N,) with -100 = not trained -> summed loss (float32)."""
+    """The plain-PyTorch definition (see the module docstring); same arguments and result."""
     keep = labels != IGNORE
     hidden, labels = hidden[keep], labels[keep]
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from osstune.fast import enable_fast_path, graphed_step, use_fast_path
 from osstune.train import state as ckpt
 from osstune.train.batches import Batch, build_data
 from osstune.train.config import RESUMABLE_CHANGES, TrainConfig
@@ -112,6 +113,8 @@ def _prepare_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -
         for n in chosen:
             params[n].requires_grad_(True)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    if use_fast_path(cfg.fast, device):
+        enable_fast_path(model)
     return model
 
 
@@ -168,6 +171,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
     model.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = MasterAdamW(trainable, cfg.optim)
+    # Forward + loss + backward as one CUDA graph replay (osstune/fast/graphs.py); None: eager.
+    graphed = graphed_step(model, cross_entropy_sum) if use_fast_path(cfg.fast, device) else None
 
     start_step, tokens_seen = 0, 0
     if saved is not None:
@@ -210,14 +215,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
             n_trained = sum(b.num_trained for b in micro)
             step_loss = 0.0
             for batch in micro:
-                loss_sum = _batch_loss(model, batch, device)
+                if graphed is not None:  # also runs the backward
+                    loss_sum = graphed(batch.input_ids, batch.position_ids, batch.doc_ids, batch.labels, n_trained)
+                else:
+                    loss_sum = _batch_loss(model, batch, device)
                 if not math.isfinite(loss_sum.item()):
                     kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written yet"
                     raise TrainError(
                         f"loss became {loss_sum.item()} at step {step + 1}; training stopped and nothing was saved "
                         f"from this step ({kept}). Lower optim.lr, raise optim.warmup_steps, or check the data."
                     )
-                (loss_sum / n_trained).backward()
+                if graphed is None:
+                    (loss_sum / n_trained).backward()
                 step_loss += loss_sum.item()
             lr = lr_at(step, cfg.steps, cfg.optim)
             grad_norm = opt.step(lr)

@@ -1,0 +1,353 @@
+"""One LoRA training step at the gpt-oss-20b shape: osstune's fast path against transformers + PEFT.
+
+    PYTHONPATH=. python3 bench/train_throughput.py            # 2048 and 8192 tokens, both LoRA targets
+    PYTHONPATH=. python3 bench/train_throughput.py --seq 2048 --targets all --impl ours --graph no --profile
+
+Random bf16 weights at the real shape (what LoRA trains after dequantizing MXFP4), LoRA r=8 alpha=16
+on q/k/v/o ("attention") or also on the experts' gate_up/down ("all"), gradient checkpointing,
+AdamW, one sequence per step. Every configuration runs in its own child process, so its peak
+memory (torch.cuda.max_memory_allocated, model included) is its own. Each HF configuration takes
+about 1-1.5 minutes (flex attention compiles on the first step), each of ours about 30 s.
+
+- ours: `GptOss` built on the meta device and initialised on the GPU (load_model's random preset
+  draws every tensor on the host, ~11 s per expert tensor), `apply_lora`, `enable_fast_path`, the
+  trainer's loss (`osstune.train.loss.cross_entropy_sum`: the chunked kernel on CUDA) and optimizer
+  (`MasterAdamW`, float32 masters, clipping at 1.0). `--graph yes` (default): the micro-step is the
+  trainer's `osstune.fast.GraphedStep`, fed host tensors; `--graph no`: eager. The row is packed as
+  the trainer packs it (position_ids, one document in doc_ids).
+- hf: transformers' GptOssForCausalLM configured exactly as ../shared/bench/hf_lora_baseline.py with
+  attention "flex_attention" and experts "grouped_mm" (PEFT target_parameters for the experts),
+  gradient checkpointing (non-reentrant), torch AdamW.
+
+MFU counts model FLOPs, no recomputation: 4 x (active matmul parameters per token) x tokens (forward
+2x, input gradients 2x; the frozen base has no weight gradients; LoRA's are < 1% and left out) plus
+attention, 3 x 4 x heads x head_dim x (query, key) pairs the masks allow (forward 2 matmuls,
+backward 4), over the H100 SXM's dense bf16 peak of 989 TFLOP/s. Gradient checkpointing adds one
+more forward (2x params, 1x attention) that MFU does not count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PEAK_TFLOPS = 989.0
+VOCAB_SAMPLE = 200_000  # token ids drawn below the special tokens, as the HF baseline does
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+
+
+def attention_pairs(t: int, window: int | None) -> int:
+    if window is None:
+        return t * (t + 1) // 2
+    w = min(window, t)
+    return w * (w + 1) // 2 + (t - w) * w
+
+
+def model_flops(cfg, t: int) -> float:
+    """Model FLOPs of one LoRA step over t tokens, without recomputation (see the module docstring)."""
+    h, i, q, kv, d = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    per_layer = h * (q * d + 2 * kv * d) + q * d * h + h * cfg.num_local_experts + cfg.num_experts_per_tok * 3 * h * i
+    matmul_params = cfg.num_hidden_layers * per_layer + cfg.vocab_size * h  # + lm_head
+    attn = sum(4 * q * d * attention_pairs(t, cfg.sliding_window if s else None) for s in cfg.is_sliding)
+    return 4 * matmul_params * t + 3 * attn
+
+
+# ---------------------------------------------------------------------------- our worker
+
+
+def build_ours(preset: str, targets: str, policy: str, device: str):
+    import torch
+
+    from osstune.config import PRESETS
+    from osstune.fast import FastPathOptions, enable_fast_path
+    from osstune.lora import LoraConfig, apply_lora
+    from osstune.model import GptOss, Rotary
+
+    cfg = PRESETS[preset]
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("meta"):
+        model = GptOss(cfg)
+    torch.set_default_dtype(torch.float32)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():  # transformers' GptOss init: normal(0, 0.02), zero biases, unit norms
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias") and "router" not in name:
+                p.zero_()
+            else:
+                p.normal_(0.0, cfg.initializer_range, generator=gen)
+    model.model.rotary = Rotary(cfg).to(device)  # a non-persistent buffer: computed, not initialised
+    apply_lora(model, LoraConfig(r=8, alpha=16, targets=targets), seed=0)
+    model.gradient_checkpointing = policy != "none"
+    if device == "cuda":
+        enable_fast_path(model, FastPathOptions(checkpoint="layer" if policy == "none" else policy))
+    return model.train(), cfg
+
+
+def run_ours(spec: dict) -> dict:
+    import torch
+
+    from osstune.train.config import OptimConfig
+    from osstune.train.loss import IGNORE, cross_entropy_sum
+    from osstune.train.optim import MasterAdamW
+
+    device = spec.get("device", "cuda")
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model, cfg = build_ours(spec["preset"], spec["targets"], spec["checkpoint"], device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    init_s = time.perf_counter() - t0
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = MasterAdamW(trainable, OptimConfig(lr=1e-4))
+    seq = spec["seq"]
+    gen = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(0, min(VOCAB_SAMPLE, cfg.vocab_size), (1, seq + 1), device=device, generator=gen)
+    inputs, labels = ids[:, :-1], ids[:, 1:].clone()
+    labels[:, -1] = IGNORE  # the HF baseline's loss also covers seq - 1 tokens
+    positions = torch.arange(seq, device=device)[None]
+    doc_ids = torch.zeros(1, seq, dtype=torch.long, device=device)
+    n_trained = seq - 1
+
+    def forward_backward() -> torch.Tensor:
+        hidden = model(inputs, position_ids=positions, doc_ids=doc_ids, return_hidden=True)
+        loss = cross_entropy_sum(hidden.flatten(0, 1), model.lm_head.weight, labels.flatten()) / n_trained
+        loss.backward()
+        return loss.detach()
+
+    def step() -> tuple[torch.Tensor, float]:
+        loss = forward_backward()
+        host = time.perf_counter()  # forward + backward enqueued; near the step time = host-bound
+        opt.step(1e-4)  # reads the gradient norm: the step's one sync
+        return loss, host
+
+    warmup = spec["warmup"]
+    if spec.get("graph"):  # the trainer's graphed micro-step, fed host tensors as the trainer does
+        from osstune.fast import GraphedStep
+
+        graphed = GraphedStep(model, cross_entropy_sum)
+        warmup += graphed.warmup  # its eager warm-up calls and the capture stay out of the timings
+        host_batch = [t.cpu() for t in (inputs, positions, doc_ids, labels)]
+
+        def step() -> tuple[torch.Tensor, float]:
+            loss_sum = graphed(*host_batch, n_trained)
+            host = time.perf_counter()
+            if not math.isfinite(loss_sum.item()):  # the trainer's check
+                raise RuntimeError("loss is not finite")
+            opt.step(1e-4)
+            return loss_sum / n_trained, host
+
+    times, hosts = [], []
+    for _ in range(warmup + spec["steps"]):
+        sync()
+        t = time.perf_counter()
+        loss, host = step()
+        sync()
+        times.append(time.perf_counter() - t)
+        hosts.append(host - t)
+    result = _summary(dict(spec, warmup=warmup), cfg, times, init_s, loss, device)
+    result["host_enqueue_s"] = round(sorted(hosts[warmup:])[spec["steps"] // 2], 3)
+    if spec.get("profile"):
+        result["profile"] = _profile(step, spec["out"], spec["name"])
+    return result
+
+
+def _profile(step, out: str, name: str) -> str:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    table = events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+    path = Path(out) / f"profile_{name}.txt"
+    path.write_text(table)
+    kernels = []
+    for e in events:
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if us and e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.append((us, e.count, e.key))
+    kernels.sort(reverse=True)
+    total = sum(us for us, _, _ in kernels)
+    lines = [f"device time of one step: {total / 1e3:.1f} ms in kernels"]
+    lines += [f"  {us / 1e3:8.2f} ms {100 * us / total:5.1f}%  x{n:<5d} {key[:90]}" for us, n, key in kernels[:15]]
+    summary = "\n".join(lines)
+    (Path(out) / f"profile_{name}_kernels.txt").write_text(summary + "\n")
+    return summary
+
+
+def _summary(spec: dict, cfg, times: list[float], init_s: float, loss, device: str) -> dict:
+    import torch
+
+    measured = times[spec["warmup"]:]
+    med = sorted(measured)[len(measured) // 2]
+    tokens = spec["seq"]
+    r = dict(name=spec["name"], impl=spec["impl"], seq=tokens, targets=spec["targets"], checkpoint=spec["checkpoint"],
+             graph=bool(spec.get("graph")),
+             step_s=round(med, 4), tok_s=round(tokens / med), first_step_s=round(times[0], 1), init_s=round(init_s, 1),
+             steps=[round(t, 4) for t in measured], loss=round(float(loss), 4))
+    r["mfu"] = round(model_flops(cfg, tokens) / med / (PEAK_TFLOPS * 1e12), 4)
+    if device == "cuda":
+        r["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        r["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    return r
+
+
+# ----------------------------------------------------------------------------- HF worker
+
+
+def run_hf(spec: dict) -> dict:
+    """transformers + PEFT exactly as ../shared/bench/hf_lora_baseline.py sets them up."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from osstune.config import PRESETS
+
+    attn, experts = "flex_attention", "grouped_mm"
+    hc = GptOssConfig(num_hidden_layers=24, num_local_experts=32, vocab_size=201088, hidden_size=2880,
+                      intermediate_size=2880, head_dim=64, num_attention_heads=64, num_key_value_heads=8,
+                      sliding_window=128, max_position_embeddings=131072, attn_implementation=attn)
+    hc._experts_implementation = experts
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = GptOssForCausalLM(hc)
+        torch.set_default_dtype(torch.float32)
+    model.config._experts_implementation = experts
+    init_s = time.perf_counter() - t0
+    lcfg = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+    if spec["targets"] == "all":
+        lcfg["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    model = get_peft_model(model, LoraConfig(**lcfg))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(0, VOCAB_SAMPLE, (1, spec["seq"]), device="cuda", generator=gen)
+    times = []
+    for _ in range(spec["warmup"] + spec["steps"]):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return _summary(spec, PRESETS["gpt-oss-20b"], times, init_s, out.loss.detach(), "cuda")
+
+
+# ------------------------------------------------------------------------------- driver
+
+
+def worker(spec: dict) -> None:
+    try:
+        result = run_ours(spec) if spec["impl"] == "ours" else run_hf(spec)
+    except Exception as e:  # reported in the table, the other configurations still run
+        import traceback
+
+        traceback.print_exc()
+        result = dict(name=spec["name"], impl=spec["impl"], seq=spec["seq"], targets=spec["targets"],
+                      checkpoint=spec["checkpoint"], error=f"{type(e).__name__}: {str(e)[:300]}")
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def launch(spec: dict, out: Path, timeout: float) -> dict:
+    log = out / f"{spec['name']}.log"
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        text = proc.stdout
+    except subprocess.TimeoutExpired as e:
+        text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        text += f"\nRESULT {json.dumps(dict(spec, error=f'timed out after {timeout:.0f} s'))}"
+    log.write_text(text)
+    lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        return dict(spec, error=f"no result (exit code {proc.returncode}); see {log}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _variant(r: dict) -> str:
+    return r["checkpoint"] + ("+graph" if r.get("graph") else "")
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'impl':5s} {'seq':>5s} {'LoRA':9s} {'ckpt':23s} {'step s':>7s} {'tok/s':>7s} {'peak GiB':>8s} {'MFU':>6s} {'vs HF':>6s} {'mem/HF':>6s}"
+    lines = [head]
+    hf = {(r["seq"], r["targets"]): r for r in rows if r["impl"] == "hf" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['impl']:5s} {r['seq']:5d} {r['targets']:9s} {_variant(r):23s} ERROR {r['error'][:80]}")
+            continue
+        base = hf.get((r["seq"], r["targets"]))
+        ratio = f"{r['tok_s'] / base['tok_s']:6.2f}" if base and r["impl"] != "hf" else "     -"
+        mem = f"{r['peak_alloc_gib'] / base['peak_alloc_gib']:6.2f}" if base and r["impl"] != "hf" else "     -"
+        lines.append(f"{r['impl']:5s} {r['seq']:5d} {r['targets']:9s} {_variant(r):23s} {r['step_s']:7.3f} "
+                     f"{r['tok_s']:7d} {r.get('peak_alloc_gib', float('nan')):8.2f} {100 * r['mfu']:5.1f}% {ratio} {mem}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--targets", nargs="+", default=["attention", "all"], choices=["attention", "all"])
+    ap.add_argument("--impl", nargs="+", default=["ours", "hf"], choices=["ours", "hf"])
+    ap.add_argument("--checkpoint", nargs="+", default=["layer"], choices=["layer", "keep_expert_gemms", "none"],
+                    help="our gradient-checkpointing policies to run (none: no checkpointing)")
+    ap.add_argument("--graph", nargs="+", default=["yes"], choices=["no", "yes"],
+                    help="our micro-step recorded as a CUDA graph (osstune.fast.GraphedStep, what the trainer "
+                         "runs on a GPU) and/or eager")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="profile one step of our first configuration")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per configuration")
+    ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--preset", default="gpt-oss-20b", help=argparse.SUPPRESS)  # tiny: a CPU smoke test
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(json.loads(args.worker))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, profiled = [], False
+    for seq in args.seq:
+        for targets in args.targets:
+            for impl in args.impl:
+                variants = [(p, g == "yes") for p in args.checkpoint for g in args.graph] if impl == "ours" else [("hf", False)]
+                for policy, graph in variants:
+                    name = f"{impl}_{seq}_{targets}_{policy}" + ("_graph" if graph else "")
+                    spec = dict(name=name, impl=impl, seq=seq, targets=targets, checkpoint=policy, graph=graph,
+                                steps=args.steps, warmup=args.warmup, preset=args.preset, device=args.device,
+                                out=str(out), profile=args.profile and impl == "ours" and not graph and not profiled)
+                    profiled |= spec["profile"]
+                    r = launch(spec, out, args.timeout)
+                    rows.append(r)
+                    print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+                    if r.get("profile"):
+                        print(r["profile"], flush=True)
+    with open(out / "train_throughput.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(table(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The reference model's attention and experts through our kernels, by filling the model's hooks.
+
+`enable_fast_path(model)` sets `Attention.attention_impl`, `MoE.experts_impl` and
+`GptOss.checkpoint_options`; it changes no module, parameter or state-dict name, so checkpoints,
+adapters and `disable_fast_path` work as before. The loss's fused kernel is chosen in
+`osstune.train.loss` (on CUDA).
+
+- Attention: `sink_flash_attention` with the layer's window and the batch's `doc_ids`; no dense
+  (T, T) mask is built. With a KV cache (generation) the reference runs: the kernel trains, it
+  does not decode.
+- Experts: `moe_experts` (grouped GEMMs) for dense `Experts`, and for `LoRAExperts` over them with the
+  adapter's per-expert pairs as `ExpertLoRA` (a projection the adapter does not target gets a zero
+  pair). `MXFP4Experts` stay on the reference loop until the MXFP4 grouped GEMM
+  (osstune/kernels/mxfp4_gemm.py) is wired in; so does expert LoRA with dropout while training
+  (the kernel applies none). Each case is decided per call from the module found there, so
+  wrapping the experts after enabling stays correct.
+- Router: the reference's top-k and softmax, unchanged.
+- Gradient checkpointing, `checkpoint`: "layer" recomputes each decoder layer in the backward (the
+  reference policy); "keep_expert_gemms" recomputes the layer but keeps the outputs of its two base
+  expert GEMMs (torch's selective checkpointing): 2I + H bf16 values per routed row and layer
+  (141 MB a layer at 2,048 tokens) kept, the largest part of the recomputation saved. Its dispatch
+  mode costs host time per op, which only a graphed step (graphs.py) hides.
+  docs/PERFORMANCE_TRAIN.md has the measurements.
+
+Nothing here reads a GPU value on the host: a step stays free of device-to-host syncs.
+
+Shape legend: B batch, T tokens, Q query heads, K key/value heads, D head dim, N tokens, k experts
+per token, H hidden, E experts, I expert intermediate, r LoRA rank.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from osstune.kernels import ExpertLoRA, moe_experts, sink_flash_attention
+from osstune.lora.layers import LoRAExperts
+from osstune.model import Attention, Experts, ForwardContext, GptOss, MoE, MXFP4Experts, sink_attention
+
+CHECKPOINT_POLICIES = ("layer", "keep_expert_gemms")
+# Head dims the attention kernel compiles for (osstune.kernels.attention).
+_KERNEL_HEAD_DIMS = (16, 32, 64)
+
+
+@dataclass(frozen=True)
+class FastPathOptions:
+    attention: bool = True
+    experts: bool = True
+    checkpoint: Literal["layer", "keep_expert_gemms"] = "layer"
+
+    def __post_init__(self) -> None:
+        if self.checkpoint not in CHECKPOINT_POLICIES:
+            raise ValueError(f"FastPathOptions.checkpoint={self.checkpoint!r}; use one of {', '.join(CHECKPOINT_POLICIES)}")
+
+
+@dataclass(frozen=True)
+class FastPathSummary:
+    """What runs on kernels after `enable_fast_path`, and what stays on the reference and why."""
+
+    attention_layers: int
+    expert_layers: int
+    reference: tuple[str, ...]  # "path: reason"
+
+
+def use_fast_path(mode: str, device: torch.device) -> bool:
+    """TrainConfig.fast: "auto" = on CUDA devices; "always" also on the CPU (the kernels' reference
+    fallbacks or Triton's interpreter: slow, for tests); "never" = the reference model."""
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"fast={mode!r}; use 'auto', 'always' or 'never'")
+    return mode == "always" or (mode == "auto" and device.type == "cuda")
+
+
+def enable_fast_path(model: GptOss, options: FastPathOptions = FastPathOptions()) -> FastPathSummary:
+    """Route `model`'s attention and experts through the kernels (see the module docstring).
+
+    Call it after `apply_lora`: the "keep_expert_gemms" policy tells base from LoRA GEMMs by the
+    adapters' rank. Warns when a layer stays on the reference.
+    """
+    reference = []
+    n_attention = n_experts = 0
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            module.attention_impl = None
+            if options.attention and module.d in _KERNEL_HEAD_DIMS:
+                module.attention_impl = fast_attention
+                n_attention += 1
+            elif options.attention:
+                reference.append(f"{name}: head dim {module.d} (the kernel takes {_KERNEL_HEAD_DIMS})")
+        elif isinstance(module, MoE):
+            module.experts_impl = fast_experts if options.experts else None
+            if options.experts:
+                why = reference_reason(module.experts, training=True)
+                if why:
+                    reference.append(f"{name}.experts: {why}")
+                else:
+                    n_experts += 1
+    model.checkpoint_options = {}
+    if options.checkpoint == "keep_expert_gemms":
+        policy = functools.partial(_keep_expert_gemms, max_rank=_max_expert_rank(model))
+        model.checkpoint_options = {"context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
+    if reference:
+        shown = "; ".join(reference[:3]) + (f"; and {len(reference) - 3} more" if len(reference) > 3 else "")
+        warnings.warn(f"fast path: {len(reference)} module(s) stay on the reference path: {shown}", stacklevel=2)
+    return FastPathSummary(n_attention, n_experts, tuple(reference))
+
+
+def disable_fast_path(model: GptOss) -> None:
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.attention_impl = None
+        elif isinstance(module, MoE):
+            module.experts_impl = None
+    model.checkpoint_options = {}
+
+
+def fast_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int | None, ctx: ForwardContext
+) -> torch.Tensor:
+    """`Attention.attention_impl`: q (B, T, Q, D), k/v (B, S, K, D) -> (B, T, Q, D)."""
+    if ctx.cache is not None:
+        return sink_attention(q, k, v, sinks, ctx.sliding_allowed if window is not None else ctx.full_allowed)
+    return sink_flash_attention(q, k, v, sinks, window=window, doc_ids=ctx.doc_ids)
+
+
+def fast_experts(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`MoE.experts_impl`: x (N, H), idx/weights (N, k) -> (N, H)."""
+    if reference_reason(experts, experts.training):
+        return experts(x, idx, weights)
+    base, lora = experts, None
+    if isinstance(experts, LoRAExperts):
+        base, lora = experts.base_layer, expert_lora(experts)
+    return moe_experts(
+        x, idx, weights, base.gate_up_proj, base.gate_up_proj_bias, base.down_proj, base.down_proj_bias,
+        base.alpha, base.limit, lora,
+    )
+
+
+def reference_reason(experts: nn.Module, training: bool) -> str | None:
+    """Why these experts cannot run on `moe_experts`, or None when they can."""
+    base = experts.base_layer if isinstance(experts, LoRAExperts) else experts
+    if isinstance(base, MXFP4Experts):
+        return "packed MXFP4 experts (their grouped GEMM is not wired in yet)"
+    if not isinstance(base, Experts):
+        return f"unknown experts module {type(base).__name__}"
+    if isinstance(experts, LoRAExperts) and training and isinstance(experts.dropout, nn.Dropout):
+        return f"LoRA dropout {experts.dropout.p} (the kernel applies no dropout)"
+    return None
+
+
+def expert_lora(experts: LoRAExperts) -> ExpertLoRA:
+    """The adapter's pairs as the kernel takes them: A (E, in, r), B (E, r, out), both projections;
+    an untargeted projection gets zeros (a no-op that costs two rank-r GEMMs)."""
+    pairs = {}
+    some = next(p for kind in experts.kinds for p in experts.pair(kind))
+    e, r = experts.num_experts, experts.r
+    dims = {"gate_up_proj": experts.base_layer.gate_up_proj.shape[1:], "down_proj": experts.base_layer.down_proj.shape[1:]}
+    for kind, (n_in, n_out) in dims.items():
+        pair = experts.pair(kind)
+        if pair is None:
+            zeros = functools.partial(torch.zeros, device=some.device, dtype=some.dtype)
+            pair = (zeros(e, n_in, r), zeros(e, r, n_out))
+        pairs[kind] = pair
+    (a_gu, b_gu), (a_d, b_d) = pairs["gate_up_proj"], pairs["down_proj"]
+    return ExpertLoRA(a_gu=a_gu, b_gu=b_gu, a_d=a_d, b_d=b_d, scale=experts.scale)
+
+
+def _max_expert_rank(model: nn.Module) -> int:
+    # moe_experts pads the rank to a multiple of 8 for the grouped GEMM's alignment.
+    ranks = [m.r + (-m.r % 8) for m in model.modules() if isinstance(m, LoRAExperts)]
+    return max(ranks, default=0)
+
+
+def _keep_expert_gemms(ctx, op, *args, max_rank: int, **kwargs) -> CheckpointPolicy:
+    """Selective-checkpointing policy: keep the outputs of base-weight grouped GEMMs (E, in, out),
+    recompute everything else. LoRA's grouped GEMMs have a rank-sized operand dimension."""
+    if op is torch.ops.aten._grouped_mm.default and min(args[1].shape[-2:]) > max_rank:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
