@@ -27,6 +27,7 @@ def create_checkpoint(
     write_tokenizer: bool = True,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Write a random checkpoint of `preset` (a name or a ModelConfig) to `output`; returns `output`.
 
@@ -42,7 +43,7 @@ def create_checkpoint(
     return write_checkpoint(
         output,
         cfg,
-        RandomSource(cfg, seed),
+        RandomSource(cfg, seed, device=device),
         max_shard_size=max_shard_size,
         tokenizer_source=tokenizer_source,
         write_tokenizer=write_tokenizer,

@@ -30,9 +30,12 @@ class RandomSource:
 
     expert_format = "bf16"
 
-    def __init__(self, cfg: ModelConfig, seed: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        """device: where tensors are drawn (and, for MXFP4 checkpoints, packed). A CUDA generator
+        draws other values than the CPU one for the same seed; creating 20b on a GPU takes seconds."""
         self.std = cfg.initializer_range
         self.seed = seed
+        self.device = torch.device(device)
         self.specs: dict[str, TensorSpec] = tensor_specs(cfg.replace(expert_format="bf16"))
 
     def dtype(self, name: str) -> torch.dtype:
@@ -41,8 +44,8 @@ class RandomSource:
     def get(self, name: str) -> torch.Tensor:
         spec = self.specs[name]
         if spec.init == "zeros":
-            return torch.zeros(spec.shape, dtype=DTYPE)
+            return torch.zeros(spec.shape, dtype=DTYPE, device=self.device)
         if spec.init == "ones":
-            return torch.ones(spec.shape, dtype=DTYPE)
-        gen = torch.Generator().manual_seed(tensor_seed(self.seed, name))
-        return torch.empty(spec.shape, dtype=DTYPE).normal_(0.0, self.std, generator=gen)
+            return torch.ones(spec.shape, dtype=DTYPE, device=self.device)
+        gen = torch.Generator(self.device).manual_seed(tensor_seed(self.seed, name))
+        return torch.empty(spec.shape, dtype=DTYPE, device=self.device).normal_(0.0, self.std, generator=gen)
