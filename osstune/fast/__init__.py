@@ -1,6 +1,6 @@
 """The fast path of a training step: the reference model's attention and experts through osstune's
 kernels (`hooks`), and the micro-step recorded as a CUDA graph (`graphs`). The loss's kernel is chosen
-in osstune.train.loss. Measurements: docs/PERFORMANCE_TRAIN.md.
+in osstune.train.loss. Measurements: docs/PERFORMANCE.md.
 
     summary = enable_fast_path(model)                 # after apply_lora
     step = graphed_step(model, cross_entropy_sum)     # None where it cannot be graphed

@@ -2,7 +2,7 @@
 
 Why: at gpt-oss-20b's shape the eager step is bound by the host, not the GPU. At 2,048 tokens it
 launches thousands of kernels (small elementwise ones included) and takes 0.38 s for 0.20 s of device
-work; a replay launches them all at once (docs/PERFORMANCE_TRAIN.md). Recording once and replaying
+work; a replay launches them all at once (docs/PERFORMANCE.md). Recording once and replaying
 for every batch is valid because the fast path never reads a device value on the host: nothing
 about the work depends on the data except through device tensors.
 

@@ -20,7 +20,7 @@ adapters and `disable_fast_path` work as before. The loss's fused kernel is chos
   expert GEMMs (torch's selective checkpointing): 2I + H bf16 values per routed row and layer
   (141 MB a layer at 2,048 tokens) kept, the largest part of the recomputation saved. Its dispatch
   mode costs host time per op, which only a graphed step (graphs.py) hides.
-  docs/PERFORMANCE_TRAIN.md has the measurements.
+  docs/PERFORMANCE.md has the measurements.
 
 Nothing here reads a GPU value on the host: a step stays free of device-to-host syncs.
 
