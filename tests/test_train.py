@@ -177,3 +177,29 @@ def test_schedule_warmup_then_cosine_to_the_floor():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
     mid = lr_at(4 + 15 // 2, 20, cfg)
     assert mid == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
+
+
+def test_qlora_trains_lora_over_packed_mxfp4_experts(data, tmp_path, monkeypatch):
+    from osstune.create import create_checkpoint
+    from osstune.model import MXFP4Experts
+
+    packed = create_checkpoint("tiny", tmp_path / "mxfp4", mxfp4=True, seed=1)
+    seen = {}
+    real = trainer_mod._prepare_model
+
+    def spy(*args):
+        model = real(*args)
+        seen["experts"] = [layer.mlp.experts.base_layer for layer in model.model.layers]
+        return model
+
+    monkeypatch.setattr(trainer_mod, "_prepare_model", spy)
+    result = trainer_mod.train(_cfg(packed, data, tmp_path / "run", method="qlora", steps=3), quiet=True)
+    assert all(math.isfinite(x) for x in result.losses)
+    assert all(isinstance(e, MXFP4Experts) and e.gate_up_proj_blocks.dtype == torch.uint8 for e in seen["experts"])
+    assert (result.artifact / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_on_a_bf16_checkpoint_is_refused_before_compute(base, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_mod, "_prepare_model", lambda *a: pytest.fail("model loaded"))
+    with pytest.raises(ValueError, match="stores bf16 experts"):
+        trainer_mod.train(_cfg(base, data, tmp_path / "run", method="qlora"))
