@@ -14,32 +14,17 @@ import textwrap
 
 import pytest
 import torch
+
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from osstune.checkpoint import load_config, load_model, save_model
 from osstune.checkpoint.convert import pack_experts, unpack_experts
 from osstune.checkpoint.layout import tensor_specs
-from osstune.config import ModelConfig, preset
+from osstune.config import preset
 from osstune.model import GptOss
 from osstune.quant.mxfp4 import dequantize_mxfp4, quantize_mxfp4, quantize_mxfp4_ref
-
-# Milliseconds per model, with every feature: both layer kinds, GQA, 4 experts top-2. Written out
-# rather than derived from the `tiny` preset, which may change.
-CFG = ModelConfig(
-    num_hidden_layers=2,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    vocab_size=1024,
-    hidden_size=64,
-    intermediate_size=64,
-    head_dim=16,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    sliding_window=16,
-    pad_token_id=1000,
-    eos_token_id=1001,
-)
+from tests.shapes import CFG
 
 
 def files_state(path):

@@ -13,22 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from osstune.checkpoint import CheckpointError, load_model, resolve_checkpoint, save_model, write_checkpoint
 from osstune.checkpoint.random_init import RandomSource
-from osstune.config import ModelConfig
+from tests.shapes import CFG
 
-CFG = ModelConfig(
-    num_hidden_layers=2,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    vocab_size=1024,
-    hidden_size=64,
-    intermediate_size=64,
-    head_dim=16,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    sliding_window=16,
-    pad_token_id=1000,
-    eos_token_id=1001,
-)
 Q = "model.layers.0.self_attn.q_proj.weight"
 BLOCKS = "model.layers.1.mlp.experts.down_proj_blocks"
 

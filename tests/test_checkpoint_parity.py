@@ -16,25 +16,11 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # noqa: 
 
 from osstune.checkpoint import load_model, save_model  # noqa: E402
 from osstune.checkpoint.convert import unpack_experts  # noqa: E402
-from osstune.config import ModelConfig  # noqa: E402
 from osstune.create import create_checkpoint  # noqa: E402
+from tests.shapes import CFG as SMALL  # noqa: E402
 
 # A larger init than 0.02 so that routing, the SwiGLU clamp and the sinks all matter to the logits.
-CFG = ModelConfig(
-    num_hidden_layers=3,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    vocab_size=1024,
-    hidden_size=64,
-    intermediate_size=64,
-    head_dim=16,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    sliding_window=16,
-    pad_token_id=1000,
-    eos_token_id=1001,
-    initializer_range=0.2,
-)
+CFG = SMALL.replace(num_hidden_layers=3, initializer_range=0.2)
 # Longer than the sliding window (16) so both attention kinds differ.
 IDS = torch.randint(0, CFG.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
 # float32 on both sides; what remains is summation order: observed max |diff| ~2e-5 on logits of

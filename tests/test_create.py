@@ -9,27 +9,15 @@ import types
 
 import pytest
 import torch
+
 from safetensors.torch import load_file
 
 from osstune.checkpoint import load_model
-from osstune.config import ModelConfig, preset
+from osstune.config import preset
 from osstune.create import add_command, create_checkpoint
 from osstune.quant.mxfp4 import quantize_mxfp4_ref as quantize_mxfp4
+from tests.shapes import CFG
 
-CFG = ModelConfig(
-    num_hidden_layers=2,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    vocab_size=1024,
-    hidden_size=64,
-    intermediate_size=64,
-    head_dim=16,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    sliding_window=16,
-    pad_token_id=1000,
-    eos_token_id=1001,
-)
 
 
 def read_all(path) -> dict[str, torch.Tensor]:

@@ -11,19 +11,16 @@ bf16 and float32, and the step must not synchronise with the host.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 
 from osstune.kernels._backend import triton_installed, triton_interpreter_problem
 
-if not torch.cuda.is_available() and triton_installed():
-    # Before triton is first imported: it reads this when its own and our kernels are decorated.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# TRITON_INTERPRET=1 on CPU: set for the whole session in conftest.py.
 
-from osstune.config import preset  # noqa: E402
-from osstune.fast import (  # noqa: E402
+from osstune.config import preset
+from osstune.fast import (
     FastPathOptions,
     disable_fast_path,
     enable_fast_path,
@@ -31,9 +28,9 @@ from osstune.fast import (  # noqa: E402
     fast_experts,
     use_fast_path,
 )
-from osstune.lora import LoraConfig, apply_lora  # noqa: E402
-from osstune.model import GptOss, KVCache, init_weights  # noqa: E402
-from osstune.train.loss import IGNORE, cross_entropy_sum, cross_entropy_sum_ref  # noqa: E402
+from osstune.lora import LoraConfig, apply_lora
+from osstune.model import GptOss, KVCache, init_weights
+from osstune.train.loss import IGNORE, cross_entropy_sum, cross_entropy_sum_ref
 
 # Two layers: one sliding-window, one full (Triton's interpreter is slow).
 CPU_CFG = preset("tiny").replace(vocab_size=512, num_hidden_layers=2)

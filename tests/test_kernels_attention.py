@@ -8,26 +8,23 @@ compiled kernels at the default tiles in bf16 and float32. Truth is the referenc
 from __future__ import annotations
 
 import dataclasses
-import os
 import zlib
 
 import pytest
 import torch
 
-from osstune.kernels._backend import triton_installed, triton_interpreter_problem
+from osstune.kernels._backend import triton_interpreter_problem
 
-if not torch.cuda.is_available() and triton_installed():
-    # Must be set before the first kernel module is imported (Triton reads it at decoration time).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# TRITON_INTERPRET=1 on CPU: set for the whole session in conftest.py.
 
-from osstune.kernels.attention import (  # noqa: E402
+from osstune.kernels.attention import (
     AttentionBlocks,
     AttentionInputError,
     default_blocks,
     sink_flash_attention,
     sink_flash_attention_ref,
 )
-from osstune.model import attention_allowed, sink_attention  # noqa: E402
+from osstune.model import attention_allowed, sink_attention
 
 TINY_BLOCKS = AttentionBlocks(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, dkdv_n=16, dkdv_m=16, fwd_stages=1,
                               dq_stages=1, dkdv_stages=1, fwd_warps=1, dq_warps=1, dkdv_warps=1)

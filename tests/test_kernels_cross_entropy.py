@@ -7,19 +7,17 @@ the real 201,088-entry vocabulary in bf16.
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from osstune.kernels._backend import triton_installed, triton_interpreter_problem
+from osstune.kernels._backend import triton_interpreter_problem
 
-if not torch.cuda.is_available() and triton_installed():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# TRITON_INTERPRET=1 on CPU: set for the whole session in conftest.py.
 
-from osstune.kernels.cross_entropy import (  # noqa: E402
+from osstune.kernels.cross_entropy import (
     CrossEntropyInputError,
     chunked_cross_entropy,
     chunked_cross_entropy_sum,

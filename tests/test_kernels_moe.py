@@ -8,18 +8,16 @@ Truth is the loop reference in float64 on the same (rounded) inputs.
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import pytest
 import torch
 
-from osstune.kernels._backend import triton_installed, triton_interpreter_problem
+from osstune.kernels._backend import triton_interpreter_problem
 
-if not torch.cuda.is_available() and triton_installed():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# TRITON_INTERPRET=1 on CPU: set for the whole session in conftest.py.
 
-from osstune.kernels.moe import (  # noqa: E402
+from osstune.kernels.moe import (
     ExpertLoRA,
     MoEInputError,
     clamped_swiglu_ref,
@@ -28,7 +26,7 @@ from osstune.kernels.moe import (  # noqa: E402
     moe_experts,
     moe_experts_ref,
 )
-from osstune.model import clamped_swiglu  # noqa: E402
+from osstune.model import clamped_swiglu
 
 ALPHA, LIMIT = 1.702, 7.0
 # (N tokens, H, I, E, k, LoRA rank or None, load)

@@ -12,26 +12,24 @@ reference; GPU cases run gpt-oss-20b's real expert shapes in bf16.
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import pytest
 import torch
 
-from osstune.kernels._backend import triton_installed, triton_interpreter_problem
+from osstune.kernels._backend import triton_interpreter_problem
 
-if not torch.cuda.is_available() and triton_installed():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# TRITON_INTERPRET=1 on CPU: set for the whole session in conftest.py.
 
-from osstune.kernels import mxfp4_gemm as mx  # noqa: E402
-from osstune.kernels.mxfp4_gemm import (  # noqa: E402
+from osstune.kernels import mxfp4_gemm as mx
+from osstune.kernels.mxfp4_gemm import (
     MXFP4GroupedLinear,
     MXFP4InputError,
     MXFP4Tiles,
     mxfp4_grouped_mm,
     mxfp4_grouped_mm_t,
 )
-from osstune.quant.mxfp4 import dequantize_mxfp4  # noqa: E402
+from osstune.quant.mxfp4 import dequantize_mxfp4
 
 # OCP MX v1.0, e2m1: sign bit 3, exponent bits 2-1 (bias 1), mantissa bit 0.
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
