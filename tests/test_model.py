@@ -94,14 +94,25 @@ def test_gradient_checkpointing_changes_memory_not_results():
     cfg = CONFIGS["tiny"]
     model = _random_model(cfg, seed=7).train()
     ids = torch.randint(0, cfg.vocab_size, (1, 40))
-    grads = []
+    grads, saved = [], []
     for flag in (False, True):
         model.zero_grad()
         model.gradient_checkpointing = flag
-        model(ids).logsumexp(-1).sum().backward()
+        nbytes = [0]
+
+        def pack(t, nbytes=nbytes):
+            nbytes[0] += t.numel() * t.element_size()
+            return t
+
+        # What autograd keeps for the backward pass during the forward: the activation memory.
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(ids).logsumexp(-1).sum()
+        out.backward()
+        saved.append(nbytes[0])
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=0, atol=0, msg=n)
+    assert saved[1] < 0.5 * saved[0], saved
 
 
 def test_unknown_preset_lists_valid_ones():
