@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -283,7 +283,6 @@ class ForwardContext:
     sliding_window: int
     doc_ids: torch.Tensor | None = None  # (B, T)
     cache: KVCache | None = None
-    extras: dict = field(default_factory=dict)
 
     @functools.cached_property
     def full_allowed(self) -> torch.Tensor:
