@@ -2,10 +2,13 @@
 
     PYTHONPATH=. python3 bench/train_throughput.py            # 2048 and 8192 tokens, both LoRA targets
     PYTHONPATH=. python3 bench/train_throughput.py --seq 2048 --targets all --impl ours --graph no --profile
+    PYTHONPATH=. python3 bench/train_throughput.py --seq 2048 --targets all --impl ours --method lora qlora
 
 Random bf16 weights at the real shape (what LoRA trains after dequantizing MXFP4), LoRA r=8 alpha=16
 on q/k/v/o ("attention") or also on the experts' gate_up/down ("all"), gradient checkpointing,
-AdamW, one sequence per step. Every configuration runs in its own child process, so its peak
+AdamW, one sequence per step. `--method qlora` (ours only): the experts stay packed MXFP4 as the
+checkpoint ships them (`expert_format="mxfp4"`, random blocks and scales 118..124 drawn on the GPU),
+trained through the MXFP4 grouped GEMMs with LoRA beside them. Every configuration runs in its own child process, so its peak
 memory (torch.cuda.max_memory_allocated, model included) is its own. Each HF configuration takes
 about 1-1.5 minutes (flex attention compiles on the first step), each of ours about 30 s.
 
@@ -15,7 +18,7 @@ about 1-1.5 minutes (flex attention compiles on the first step), each of ours ab
   (`MasterAdamW`, float32 masters, clipping at 1.0). `--graph yes` (default): the micro-step is the
   trainer's `osstune.fast.GraphedStep`, fed host tensors; `--graph no`: eager. The row is packed as
   the trainer packs it (position_ids, one document in doc_ids).
-- hf: transformers' GptOssForCausalLM configured exactly as ../shared/bench/hf_lora_baseline.py with
+- hf: transformers' GptOssForCausalLM + PEFT LoRA, configured as the reference baseline, with
   attention "flex_attention" and experts "grouped_mm" (PEFT target_parameters for the experts),
   gradient checkpointing (non-reentrant), torch AdamW.
 
@@ -62,7 +65,7 @@ def model_flops(cfg, t: int) -> float:
 # ---------------------------------------------------------------------------- our worker
 
 
-def build_ours(preset: str, targets: str, policy: str, device: str):
+def build_ours(preset: str, targets: str, policy: str, device: str, method: str = "lora"):
     import torch
 
     from osstune.config import PRESETS
@@ -71,6 +74,8 @@ def build_ours(preset: str, targets: str, policy: str, device: str):
     from osstune.model import GptOss, Rotary
 
     cfg = PRESETS[preset]
+    if method == "qlora":
+        cfg = cfg.replace(expert_format="mxfp4")
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("meta"):
         model = GptOss(cfg)
@@ -85,6 +90,11 @@ def build_ours(preset: str, targets: str, policy: str, device: str):
                 p.zero_()
             else:
                 p.normal_(0.0, cfg.initializer_range, generator=gen)
+        for name, b in model.named_buffers():  # packed MXFP4 experts (qlora): random codes, scales near 2**-6
+            if name.endswith("_blocks"):
+                b.copy_(torch.randint(0, 256, b.shape, generator=gen, device=device, dtype=torch.uint8))
+            elif name.endswith("_scales"):
+                b.copy_(torch.randint(118, 125, b.shape, generator=gen, device=device, dtype=torch.uint8))
     model.model.rotary = Rotary(cfg).to(device)  # a non-persistent buffer: computed, not initialised
     apply_lora(model, LoraConfig(r=8, alpha=16, targets=targets), seed=0)
     model.gradient_checkpointing = policy != "none"
@@ -104,7 +114,7 @@ def run_ours(spec: dict) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    model, cfg = build_ours(spec["preset"], spec["targets"], spec["checkpoint"], device)
+    model, cfg = build_ours(spec["preset"], spec["targets"], spec["checkpoint"], device, spec.get("method", "lora"))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     init_s = time.perf_counter() - t0
@@ -194,7 +204,7 @@ def _summary(spec: dict, cfg, times: list[float], init_s: float, loss, device: s
     measured = times[spec["warmup"]:]
     med = sorted(measured)[len(measured) // 2]
     tokens = spec["seq"]
-    r = dict(name=spec["name"], impl=spec["impl"], seq=tokens, targets=spec["targets"], checkpoint=spec["checkpoint"],
+    r = dict(name=spec["name"], impl=spec["impl"], method=spec.get("method", "lora"), seq=tokens, targets=spec["targets"], checkpoint=spec["checkpoint"],
              graph=bool(spec.get("graph")),
              step_s=round(med, 4), tok_s=round(tokens / med), first_step_s=round(times[0], 1), init_s=round(init_s, 1),
              steps=[round(t, 4) for t in measured], loss=round(float(loss), 4))
@@ -209,7 +219,8 @@ def _summary(spec: dict, cfg, times: list[float], init_s: float, loss, device: s
 
 
 def run_hf(spec: dict) -> dict:
-    """transformers + PEFT exactly as ../shared/bench/hf_lora_baseline.py sets them up."""
+    """transformers + PEFT as the reference baseline sets them up: flex attention, grouped_mm experts,
+    LoRA via PEFT (experts through target_parameters), non-reentrant checkpointing, AdamW."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import GptOssConfig, GptOssForCausalLM
@@ -262,7 +273,7 @@ def worker(spec: dict) -> None:
         import traceback
 
         traceback.print_exc()
-        result = dict(name=spec["name"], impl=spec["impl"], seq=spec["seq"], targets=spec["targets"],
+        result = dict(name=spec["name"], impl=spec["impl"], method=spec.get("method", "lora"), seq=spec["seq"], targets=spec["targets"],
                       checkpoint=spec["checkpoint"], error=f"{type(e).__name__}: {str(e)[:300]}")
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -284,7 +295,8 @@ def launch(spec: dict, out: Path, timeout: float) -> dict:
 
 
 def _variant(r: dict) -> str:
-    return r["checkpoint"] + ("+graph" if r.get("graph") else "")
+    method = "qlora " if r.get("method") == "qlora" else ""
+    return method + r["checkpoint"] + ("+graph" if r.get("graph") else "")
 
 
 def table(rows: list[dict]) -> str:
@@ -313,6 +325,8 @@ def main() -> None:
     ap.add_argument("--graph", nargs="+", default=["yes"], choices=["no", "yes"],
                     help="our micro-step recorded as a CUDA graph (osstune.fast.GraphedStep, what the trainer "
                          "runs on a GPU) and/or eager")
+    ap.add_argument("--method", nargs="+", default=["lora"], choices=["lora", "qlora"],
+                    help="lora: bf16 experts; qlora: experts kept packed MXFP4 (ours only)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="profile one step of our first configuration")
@@ -330,11 +344,12 @@ def main() -> None:
     rows, profiled = [], False
     for seq in args.seq:
         for targets in args.targets:
-            for impl in args.impl:
+            runs = [(impl, m) for impl in args.impl for m in args.method if impl == "ours" or m == "lora"]
+            for impl, method in runs:
                 variants = [(p, g == "yes") for p in args.checkpoint for g in args.graph] if impl == "ours" else [("hf", False)]
                 for policy, graph in variants:
-                    name = f"{impl}_{seq}_{targets}_{policy}" + ("_graph" if graph else "")
-                    spec = dict(name=name, impl=impl, seq=seq, targets=targets, checkpoint=policy, graph=graph,
+                    name = f"{impl}_{seq}_{targets}_{policy}" + ("_graph" if graph else "") + ("_qlora" if method == "qlora" else "")
+                    spec = dict(name=name, impl=impl, method=method, seq=seq, targets=targets, checkpoint=policy, graph=graph,
                                 steps=args.steps, warmup=args.warmup, preset=args.preset, device=args.device,
                                 out=str(out), profile=args.profile and impl == "ours" and not graph and not profiled)
                     profiled |= spec["profile"]

@@ -170,16 +170,36 @@ def test_generation_with_cache_on_fast_path_equals_full_forward():
 
 
 def test_unsupported_experts_stay_on_reference_with_a_warning():
-    # Packed MXFP4 experts (no grouped GEMM wired yet) and LoRA dropout (the kernel applies none).
-    cfg = CPU_CFG.replace(expert_format="mxfp4", num_hidden_layers=2)
-    model = init_weights(GptOss(cfg), seed=0)
-    with pytest.warns(UserWarning, match="MXFP4"):
-        summary = enable_fast_path(model)
-    assert summary.expert_layers == 0 and summary.attention_layers == 2
+    # LoRA dropout (the kernels apply none).
     model = _model(CPU_CFG.replace(num_hidden_layers=2), "cpu", torch.float32, 0, LoraConfig(targets="experts", dropout=0.1))
     with pytest.warns(UserWarning, match="dropout"):
         summary = enable_fast_path(model)
     assert len(summary.reference) == 2
+
+
+@pytest.mark.parametrize("lora", [LoraConfig(targets="all", train_sinks=True, train_router=True), None],
+                         ids=["lora", "no_lora"])
+def test_qlora_fast_path_matches_reference_cpu(lora, monkeypatch):
+    """Packed MXFP4 experts (QLoRA) on the fast path (moe_experts_mxfp4) against the reference model,
+    which decodes each expert's weights on use: one packed training step's loss and gradients."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU case runs on machines without a GPU")
+    if triton_installed() and triton_interpreter_problem():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cfg = CPU_CFG.replace(expert_format="mxfp4")
+    gen = torch.Generator().manual_seed(12)
+    model = _model(cfg, "cpu", torch.float32, seed=13, lora=lora or LoraConfig(targets="attention"))
+    assert any(type(m).__name__ == "MXFP4Experts" for m in model.modules())
+    batch = _packed_batch(cfg, 1, [[20, 13]], 36, "cpu", gen)
+    ref = _step(model, batch, cross_entropy_sum_ref)
+    summary = enable_fast_path(model)
+    assert summary.expert_layers == cfg.num_hidden_layers and not summary.reference
+    fast = _step(model, batch, cross_entropy_sum)
+    if lora is not None:
+        _compare(fast, ref, 1e-4)
+    else:  # no expert adapters: compare what there is (loss, attention LoRA, expert biases are frozen)
+        assert _rel(fast[0], ref[0]) < 1e-5
+        assert set(fast[1]) == set(ref[1]) and all(_rel(fast[1][n], g) < 1e-4 for n, g in ref[1].items())
 
 
 def test_experts_lora_on_one_projection_only():
@@ -342,3 +362,38 @@ def test_trainer_on_gpu_uses_the_graphed_fast_path(tmp_path, monkeypatch):
     assert len(made) == 1 and made[0] is not None and made[0].replays == 6  # 8 micro-steps, 2 eager warm-ups
     # bf16 on both paths, the kernels' float32 accumulations differ from the reference's order.
     assert losses["auto"] == pytest.approx(losses["never"], rel=2e-2)
+
+
+@pytest.mark.gpu
+def test_qlora_fast_path_matches_reference_gpu():
+    # MXFP4 experts + LoRA on everything, bf16, against the reference in float64 (which decodes the same
+    # packed weights exactly); the step must not sync with the host and must record as a CUDA graph.
+    from osstune.fast import GraphedStep, why_not_graphed
+
+    cfg = GPU_CFG.replace(expert_format="mxfp4")
+    gen = torch.Generator().manual_seed(22)
+    batch = _packed_batch(cfg, 2, [[300, 77, 400, 120], [1000]], 1024, "cuda", gen)
+    base = _model(cfg, "cpu", torch.float32, seed=10)
+    truth = _step(copy.deepcopy(base).to("cuda", torch.float64), batch, cross_entropy_sum_ref)
+    model = copy.deepcopy(base).to("cuda", torch.bfloat16)
+    ref16 = _step(model, batch, cross_entropy_sum_ref)
+    summary = enable_fast_path(model)
+    assert summary.expert_layers == cfg.num_hidden_layers and not summary.reference
+    _step(model, batch, cross_entropy_sum)  # compile outside the sync check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fast16 = _step_no_sync(model, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    bad16 = _violations(fast16, ref16, 3e-2, truth=truth, ref_factor=2.0)
+    assert not bad16, f"bf16 (error vs float64, reference's): {bad16}"
+    assert _rel(fast16[0], truth[0]) <= max(5e-3, 2 * _rel(ref16[0], truth[0])), (fast16[0], ref16[0], truth[0])
+
+    assert why_not_graphed(model) is None
+    graphed = GraphedStep(model, cross_entropy_sum, warmup=1)
+    ids, positions, doc_ids, labels = [x.cpu() for x in batch]
+    n = int((labels != IGNORE).sum())
+    losses = [graphed(ids, positions, doc_ids, labels, n).item() for _ in range(3)]
+    assert graphed.replays == 2
+    assert losses == pytest.approx([fast16[0].item() * n] * 3, rel=1e-2)

@@ -24,6 +24,7 @@ from osstune.kernels.moe import (
     grouped_mm,
     grouped_mm_loop,
     moe_experts,
+    moe_experts_mxfp4,
     moe_experts_ref,
 )
 from osstune.model import clamped_swiglu
@@ -193,3 +194,121 @@ def test_bad_shapes_raise():
         moe_experts(x, idx, w, gu, gub, dn, dnb, ALPHA, LIMIT, lora)
     with pytest.raises(MoEInputError, match="idx and weights"):
         moe_experts(x, idx[:3], w, gu, gub, dn, dnb, ALPHA, LIMIT)
+
+
+# ------------------------------------------------------------------ MXFP4 (QLoRA) experts
+
+# OCP MX v1.0 e2m1 values by 4-bit code (sign bit 3), decoded here independently of osstune.quant.
+_E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+_E2M1 = torch.tensor(_E2M1 + [-v for v in _E2M1], dtype=torch.float64)
+# (N tokens, H, I, E, k, LoRA rank or None, load); H and I multiples of the 32-value MXFP4 block.
+MXFP4_CPU_CASES = [
+    (23, 64, 32, 4, 2, 3, "random"),
+    (17, 32, 64, 5, 2, None, "empty_expert"),
+    (11, 32, 32, 3, 2, 4, "one_expert_all"),
+]
+MXFP4_GPU_CASES = [(1024, 256, 384, 32, 4, 8, "random"), (300, 128, 96, 8, 4, 5, "empty_expert")]
+
+
+def _decode(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(E, N, G, 16) uint8 + (E, N, G) uint8 -> (E, N, 32 G) float64: low nibble first, x 2**(s - 127)."""
+    b = blocks.long()
+    codes = torch.stack([b & 15, b >> 4], dim=-1).flatten(-2)  # (E, N, G, 32)
+    w = _E2M1[codes] * torch.exp2(scales.double() - 127)[..., None]
+    return w.flatten(-2)
+
+
+def _mxfp4_problem(case, gen):
+    n, h, i, e, k, rank, load = case
+    idx, t, scale = _problem(case, gen)
+    packed = {
+        "gate_up_blocks": torch.randint(0, 256, (e, 2 * i, h // 32, 16), generator=gen, dtype=torch.uint8),
+        # Scales 2**-6..2**-2: some gate/up values leave the clamp range [-7, 7].
+        "gate_up_scales": torch.randint(121, 126, (e, 2 * i, h // 32), generator=gen, dtype=torch.uint8),
+        "down_blocks": torch.randint(0, 256, (e, h, i // 32, 16), generator=gen, dtype=torch.uint8),
+        "down_scales": torch.randint(118, 123, (e, h, i // 32), generator=gen, dtype=torch.uint8),
+    }
+    del t["gate_up"], t["down"]
+    return idx, t, packed, scale
+
+
+def _call_mxfp4(fn, idx, t, packed, scale, dtype):
+    lora = ExpertLoRA(t["a_gu"], t["b_gu"], t["a_d"], t["b_d"], scale) if "a_gu" in t else None
+    if fn is moe_experts_ref:  # the loop over the decoded weights, in (in, out) orientation
+        gate_up = _decode(packed["gate_up_blocks"].cpu(), packed["gate_up_scales"].cpu()).transpose(1, 2)
+        down = _decode(packed["down_blocks"].cpu(), packed["down_scales"].cpu()).transpose(1, 2)
+        device = t["x"].device
+        return fn(t["x"], idx, t["weights"], gate_up.to(device, dtype), t["gate_up_bias"], down.to(device, dtype),
+                  t["down_bias"], ALPHA, LIMIT, lora)
+    return fn(t["x"], idx, t["weights"], packed["gate_up_blocks"], packed["gate_up_scales"], t["gate_up_bias"],
+              packed["down_blocks"], packed["down_scales"], t["down_bias"], ALPHA, LIMIT, lora)
+
+
+def _mxfp4_params():
+    out = [pytest.param("cpu", torch.float32, c, id=f"cpu-{c}") for c in MXFP4_CPU_CASES]
+    out += [pytest.param("cuda", torch.bfloat16, c, marks=pytest.mark.gpu, id=f"cuda-{c}") for c in MXFP4_GPU_CASES]
+    return out
+
+
+@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "torch"])
+@pytest.mark.parametrize("device,dtype,case", _mxfp4_params())
+def test_mxfp4_matches_loop_over_decoded_weights(device, dtype, case, use_triton, monkeypatch):
+    """moe_experts_mxfp4 vs the per-expert loop over independently decoded weights: output and the
+    gradients of x, routing weights, biases and LoRA factors."""
+    _skip_unless_runnable(device)
+    if device == "cpu" and use_triton and triton_interpreter_problem():
+        pytest.skip(triton_interpreter_problem())
+    if not use_triton:
+        if device == "cuda":
+            pytest.skip("the plain-PyTorch paths are the CPU fallback")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    idx, t, packed, scale = _mxfp4_problem(case, gen)
+    grad_out = torch.randn(case[0], case[1], generator=gen, dtype=torch.float64)
+
+    want_leaves = {name: x.to(dtype).double().requires_grad_() for name, x in t.items()}
+    want = _call_mxfp4(moe_experts_ref, idx, want_leaves, packed, scale, torch.float64)
+    want_grads = torch.autograd.grad(want, list(want_leaves.values()), grad_out)
+
+    leaves = {name: x.to(device=device, dtype=dtype).requires_grad_() for name, x in t.items()}
+    packed_dev = {name: p.to(device) for name, p in packed.items()}
+    idx_dev, grad_dev = idx.to(device), grad_out.to(device=device, dtype=dtype)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # the fast path must never wait on the device
+    try:
+        got = _call_mxfp4(moe_experts_mxfp4, idx_dev, leaves, packed_dev, scale, dtype)
+        grads = torch.autograd.grad(got, list(leaves.values()), grad_dev)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+
+    baseline = {}
+    if dtype != torch.float32:  # the same loop in bf16 on the device: the error bf16 itself costs
+        loop_leaves = {name: x.to(device=device, dtype=dtype).requires_grad_() for name, x in t.items()}
+        loop_out = _call_mxfp4(moe_experts_ref, idx_dev, loop_leaves, packed, scale, dtype)
+        loop_grads = torch.autograd.grad(loop_out, list(loop_leaves.values()), grad_dev)
+        for name, g, w in zip(["out", *leaves], (loop_out, *loop_grads), (want, *want_grads)):
+            baseline[name] = ((g.double().cpu() - w).norm() / w.norm()).item()
+
+    for name, g, w in zip(["out", *leaves], (got, *grads), (want, *want_grads)):
+        g = g.double().cpu()
+        assert torch.isfinite(g).all(), name
+        err = ((g - w).norm() / w.norm()).item()
+        bound = max(TOL[dtype], BF16_VS_LOOP * baseline.get(name, 0.0))
+        assert err < bound, f"{name}: relative error {err:.2e} >= {bound:.1e} (bf16 loop: {baseline.get(name)})"
+
+
+def test_mxfp4_bad_shapes_raise():
+    x, idx, w = torch.randn(4, 64), torch.zeros(4, 2, dtype=torch.long), torch.ones(4, 2)
+    u8 = dict(dtype=torch.uint8)
+    gub, gus = torch.zeros(3, 64, 2, 16, **u8), torch.zeros(3, 64, 2, **u8)  # I = 32
+    db, ds = torch.zeros(3, 64, 1, 16, **u8), torch.zeros(3, 64, 1, **u8)
+    gu_bias, d_bias = torch.zeros(3, 64), torch.zeros(3, 64)
+    moe_experts_mxfp4(x, idx, w, gub, gus, gu_bias, db, ds, d_bias, ALPHA, LIMIT)  # fits
+    with pytest.raises(MoEInputError, match="down_scales has shape"):
+        moe_experts_mxfp4(x, idx, w, gub, gus, gu_bias, db, ds[:, :32], d_bias, ALPHA, LIMIT)
+    with pytest.raises(MoEInputError, match="must be uint8"):
+        moe_experts_mxfp4(x, idx, w, gub.float(), gus, gu_bias, db, ds, d_bias, ALPHA, LIMIT)
+    with pytest.raises(MoEInputError, match="down_bias"):
+        moe_experts_mxfp4(x, idx, w, gub, gus, gu_bias, db, ds, d_bias[:, :8], ALPHA, LIMIT)

@@ -17,7 +17,8 @@ device scalar), and the gradients of (loss sum / n_trained) are accumulated into
 - The optimizer itself runs eagerly: MasterAdamW reads the gradient norm on the host.
 
 Needs (`why_not_graphed`): a CUDA model whose attention and experts all run on the fast path (the
-reference expert loop reads the routing on the host), and no dropout (capture forbids the
+reference expert loop reads the routing on the host; dense and packed MXFP4 experts, with or without
+LoRA, both qualify), and no dropout (capture forbids the
 checkpoint's RNG bookkeeping, without which a recomputed dropout mask would differ).
 The graph's memory pool holds the step's activations between calls, as the caching allocator's
 cache otherwise would.

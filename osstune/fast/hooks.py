@@ -8,17 +8,18 @@ adapters and `disable_fast_path` work as before. The loss's fused kernel is chos
 - Attention: `sink_flash_attention` with the layer's window and the batch's `doc_ids`; no dense
   (T, T) mask is built. With a KV cache (generation) the reference runs: the kernel trains, it
   does not decode.
-- Experts: `moe_experts` (grouped GEMMs) for dense `Experts`, and for `LoRAExperts` over them with the
-  adapter's per-expert pairs as `ExpertLoRA` (a projection the adapter does not target gets a zero
-  pair). `MXFP4Experts` stay on the reference loop until the MXFP4 grouped GEMM
-  (osstune/kernels/mxfp4_gemm.py) is wired in; so does expert LoRA with dropout while training
-  (the kernel applies none). Each case is decided per call from the module found there, so
-  wrapping the experts after enabling stays correct.
+- Experts: `moe_experts` (grouped GEMMs) for dense `Experts`, `moe_experts_mxfp4` (the MXFP4 grouped
+  GEMMs, weights kept packed: QLoRA) for `MXFP4Experts`, and either for `LoRAExperts` over them with
+  the adapter's per-expert pairs as `ExpertLoRA` (a projection the adapter does not target gets a
+  zero pair). Expert LoRA with dropout while training stays on the reference loop (the kernels apply
+  none). Each case is decided per call from the module found there, so wrapping the experts after
+  enabling stays correct.
 - Router: the reference's top-k and softmax, unchanged.
 - Gradient checkpointing, `checkpoint`: "layer" recomputes each decoder layer in the backward (the
   reference policy); "keep_expert_gemms" recomputes the layer but keeps the outputs of its two base
   expert GEMMs (torch's selective checkpointing): 2I + H bf16 values per routed row and layer
-  (141 MB a layer at 2,048 tokens) kept, the largest part of the recomputation saved. Its dispatch
+  (141 MB a layer at 2,048 tokens) kept, the largest part of the recomputation saved (dense experts
+  only: the MXFP4 GEMMs are Triton kernels the policy does not see, so they recompute). Its dispatch
   mode costs host time per op, which only a graphed step (graphs.py) hides.
   docs/PERFORMANCE.md has the measurements.
 
@@ -40,6 +41,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from osstune.kernels import ExpertLoRA, moe_experts, sink_flash_attention
+from osstune.kernels.moe import moe_experts_mxfp4
 from osstune.lora.layers import LoRAExperts
 from osstune.model import Attention, Experts, ForwardContext, GptOss, MoE, MXFP4Experts, sink_attention
 
@@ -135,6 +137,11 @@ def fast_experts(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, weights
     base, lora = experts, None
     if isinstance(experts, LoRAExperts):
         base, lora = experts.base_layer, expert_lora(experts)
+    if isinstance(base, MXFP4Experts):
+        return moe_experts_mxfp4(
+            x, idx, weights, base.gate_up_proj_blocks, base.gate_up_proj_scales, base.gate_up_proj_bias,
+            base.down_proj_blocks, base.down_proj_scales, base.down_proj_bias, base.alpha, base.limit, lora,
+        )
     return moe_experts(
         x, idx, weights, base.gate_up_proj, base.gate_up_proj_bias, base.down_proj, base.down_proj_bias,
         base.alpha, base.limit, lora,
@@ -142,11 +149,9 @@ def fast_experts(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, weights
 
 
 def reference_reason(experts: nn.Module, training: bool) -> str | None:
-    """Why these experts cannot run on `moe_experts`, or None when they can."""
+    """Why these experts cannot run on `moe_experts` / `moe_experts_mxfp4`, or None when they can."""
     base = experts.base_layer if isinstance(experts, LoRAExperts) else experts
-    if isinstance(base, MXFP4Experts):
-        return "packed MXFP4 experts (their grouped GEMM is not wired in yet)"
-    if not isinstance(base, Experts):
+    if not isinstance(base, Experts):  # MXFP4Experts is an Experts
         return f"unknown experts module {type(base).__name__}"
     if isinstance(experts, LoRAExperts) and training and isinstance(experts.dropout, nn.Dropout):
         return f"LoRA dropout {experts.dropout.p} (the kernel applies no dropout)"
@@ -159,7 +164,9 @@ def expert_lora(experts: LoRAExperts) -> ExpertLoRA:
     pairs = {}
     some = next(p for kind in experts.kinds for p in experts.pair(kind))
     e, r = experts.num_experts, experts.r
-    dims = {"gate_up_proj": experts.base_layer.gate_up_proj.shape[1:], "down_proj": experts.base_layer.down_proj.shape[1:]}
+    # (in, out) from the biases: present in both the dense and the packed MXFP4 layout.
+    two_i, h = experts.base_layer.gate_up_proj_bias.shape[1], experts.base_layer.down_proj_bias.shape[1]
+    dims = {"gate_up_proj": (h, two_i), "down_proj": (two_i // 2, h)}
     for kind, (n_in, n_out) in dims.items():
         pair = experts.pair(kind)
         if pair is None:

@@ -5,6 +5,8 @@ so no host sync), run through one grouped GEMM per projection (`torch.nn.functio
 bf16 on CUDA), the bias + clamped SwiGLU fused in one Triton pass, then un-permuted and summed with the
 routing weights. Expert LoRA adds two low-rank grouped GEMMs beside each base projection; W + BA is
 never formed. `moe_experts_ref` is the plain per-expert loop (the shape of `osstune.model.Experts`).
+`moe_experts_mxfp4` is the same with packed MXFP4 base weights (QLoRA): its base projections are the
+MXFP4 grouped GEMMs of `osstune.kernels.mxfp4_gemm`, which decode the weights inside the GEMM.
 
 Where `grouped_mm` cannot run (CPU, float32, dims not multiples of 8), a loop over the groups takes
 its place (it reads the offsets on the host). Gradients: x, routing weights, biases, LoRA factors and,
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from osstune.kernels._backend import triton_usable
+from osstune.kernels.mxfp4_gemm import MXFP4GroupedLinear
 
 # torch >= 2.10 names it F.grouped_mm; earlier releases only have the private op.
 _grouped_mm_op = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -94,8 +97,50 @@ def moe_experts(
 ) -> torch.Tensor:
     """Same signature and result as `moe_experts_ref`, as grouped GEMMs over expert-sorted rows."""
     _check_shapes(x, idx, weights, gate_up, gate_up_bias, down, down_bias, lora)
+    return _experts(
+        x, idx, weights, gate_up.shape[0],
+        lambda rows, offs: grouped_mm(rows, gate_up.to(x.dtype), offs),
+        lambda rows, offs: grouped_mm(rows, down.to(x.dtype), offs),
+        gate_up_bias, down_bias, alpha, limit, lora,
+    )
+
+
+def moe_experts_mxfp4(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_blocks: torch.Tensor,
+    gate_up_scales: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down_blocks: torch.Tensor,
+    down_scales: torch.Tensor,
+    down_bias: torch.Tensor,
+    alpha: float,
+    limit: float,
+    lora: ExpertLoRA | None = None,
+) -> torch.Tensor:
+    """`moe_experts` with packed MXFP4 base weights (QLoRA), kept packed: x (N, H), idx/weights (N, k),
+    gate_up_blocks (E, 2I, H/32, 16) uint8, gate_up_scales (E, 2I, H/32) uint8, gate_up_bias (E, 2I),
+    down_blocks (E, H, I/32, 16), down_scales (E, H, I/32), down_bias (E, H) -> (N, H).
+
+    The base projections are `MXFP4GroupedLinear` (decoded tile by tile in the GEMM on CUDA, one
+    expert at a time elsewhere): no dense copy of an expert stack is formed. They are frozen: x,
+    routing weights, biases and the LoRA factors get gradients, the packed weights none.
+    """
+    _check_shapes_mxfp4(x, idx, weights, gate_up_blocks, gate_up_scales, gate_up_bias, down_blocks, down_scales,
+                        down_bias, lora)
+    return _experts(
+        x, idx, weights, gate_up_blocks.shape[0],
+        lambda rows, offs: MXFP4GroupedLinear.apply(rows, gate_up_blocks, gate_up_scales, offs),
+        lambda rows, offs: MXFP4GroupedLinear.apply(rows, down_blocks, down_scales, offs),
+        gate_up_bias, down_bias, alpha, limit, lora,
+    )
+
+
+def _experts(x, idx, weights, n_experts, gate_up_mm, down_mm, gate_up_bias, down_bias, alpha, limit, lora):
+    """The routed computation shared by both weight formats; gate_up_mm / down_mm (rows (M, in),
+    offs (E,)) -> (M, out) are the base grouped GEMMs."""
     n, k = idx.shape
-    n_experts = gate_up.shape[0]
     flat = idx.reshape(-1)  # (M,) row r = token r // k, slot r % k
     order = torch.argsort(flat, stable=True)  # (M,) rows sorted by expert
     expert_of_row = flat[order]  # (M,) non-decreasing
@@ -104,11 +149,11 @@ def moe_experts(
     offs = torch.searchsorted(expert_of_row, torch.arange(n_experts, device=x.device), right=True).to(torch.int32)
 
     xs = _GatherRows.apply(x, order // k, inv, k)  # (M, H)
-    gu = grouped_mm(xs, gate_up.to(x.dtype), offs)  # (M, 2I)
+    gu = gate_up_mm(xs, offs)  # (M, 2I)
     if lora is not None:
         gu = gu + _lora_grouped_mm(xs, lora.a_gu, lora.b_gu * lora.scale, offs)
     h = bias_swiglu(gu, gate_up_bias.to(x.dtype), expert_of_row, alpha, limit)  # (M, I)
-    y = grouped_mm(h, down.to(x.dtype), offs)  # (M, H)
+    y = down_mm(h, offs)  # (M, H)
     if lora is not None:
         y = y + _lora_grouped_mm(h, lora.a_d, lora.b_d * lora.scale, offs)
     out = _Combine.apply(y, inv, order, weights.to(x.dtype))  # (N, H)
@@ -184,6 +229,30 @@ def _check_shapes(x, idx, weights, gate_up, gate_up_bias, down, down_bias, lora)
         for name, shape in want.items():
             if tuple(getattr(lora, name).shape) != shape:
                 raise bad(f"lora.{name} has shape {tuple(getattr(lora, name).shape)}; expected {shape}")
+
+
+def _check_shapes_mxfp4(x, idx, weights, gu_blocks, gu_scales, gate_up_bias, d_blocks, d_scales, down_bias,
+                        lora) -> None:
+    def bad(msg: str) -> MoEInputError:
+        return MoEInputError(f"moe_experts_mxfp4: {msg}")
+
+    for name, t in (("gate_up_blocks", gu_blocks), ("gate_up_scales", gu_scales), ("down_blocks", d_blocks),
+                    ("down_scales", d_scales)):
+        if t.dtype != torch.uint8:
+            raise bad(f"{name} must be uint8 (packed MXFP4 as the checkpoint stores it); got {t.dtype}")
+    if gu_blocks.dim() != 4 or gu_blocks.shape[3] != 16 or d_blocks.dim() != 4:
+        raise bad(f"expected gate_up_blocks (E, 2I, H/32, 16) and down_blocks (E, H, I/32, 16); got "
+                  f"{tuple(gu_blocks.shape)} and {tuple(d_blocks.shape)}")
+    e, two_i, g_h, _ = gu_blocks.shape
+    h, i = g_h * 32, two_i // 2
+    expected = {"gate_up_scales": (e, two_i, g_h), "down_blocks": (e, h, i // 32, 16), "down_scales": (e, h, i // 32)}
+    for name, t in (("gate_up_scales", gu_scales), ("down_blocks", d_blocks), ("down_scales", d_scales)):
+        if tuple(t.shape) != expected[name] or i % 32:
+            raise bad(f"{name} has shape {tuple(t.shape)}; with gate_up_blocks {tuple(gu_blocks.shape)} "
+                      f"it must be {expected[name]} (I = {i} a multiple of 32)")
+    # The rest (biases, routing, LoRA) as for dense weights, against a shape-only stand-in for gate_up.
+    gate_up, down = torch.empty(e, h, two_i, device="meta"), torch.empty(e, i, h, device="meta")  # no storage
+    _check_shapes(x, idx, weights, gate_up, gate_up_bias, down, down_bias, lora)
 
 
 class _GatherRows(torch.autograd.Function):
