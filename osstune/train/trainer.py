@@ -243,7 +243,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
                 eval_loss = evaluate(model, data.eval, device)
                 record["eval_loss"] = eval_loss
-            if done % cfg.log_every == 0 or done == cfg.steps or "eval_loss" in record:
+            # The first step is always logged, so the loss curve starts where training started.
+            if done % cfg.log_every == 0 or done in (start_step + 1, cfg.steps) or "eval_loss" in record:
                 now = time.perf_counter()
                 record["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
                 t_last, tokens_since = now, 0
