@@ -67,6 +67,8 @@ def test_parity_check_can_fail(tmp_path):
 
 @pytest.mark.parametrize("dtype,shard", [(torch.float32, "5GB"), (torch.bfloat16, "100KB")])
 def test_we_load_transformers_checkpoints(tmp_path, dtype, shard):
+    # Spelled in transformers' own terms (its defaults for everything else), not derived from our
+    # config mapping: the point is reading a config.json we did not write.
     hf_cfg = GptOssConfig(
         num_hidden_layers=2,
         num_local_experts=4,
