@@ -257,6 +257,114 @@ def run_moe(seqs, profile_moe: bool) -> None:
             torch.cuda.empty_cache()
 
 
+# ---------------------------------------------------------------- MXFP4 grouped GEMMs (QLoRA)
+
+
+def mxfp4_problem(n: int, seed: int = 0, h: int = H, i: int = I):
+    """The four expert GEMMs of one layer at N tokens (M = N * top-k rows, sorted by expert as the
+    router spreads them): (name, kind, a, blocks, scales, offs, dense weight for the grouped_mm baseline)."""
+    from osstune.quant.mxfp4 import quantize_mxfp4
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    m = n * TOP_K
+    experts = torch.randn(n, E, generator=g, device="cuda").topk(TOP_K, dim=-1).indices.flatten()
+    offs = torch.searchsorted(experts.sort().values, torch.arange(E, device="cuda"), right=True).to(torch.int32)
+    problems = []
+    for proj, (out_f, in_f) in (("gate_up", (2 * i, h)), ("down", (h, i))):
+        w = torch.randn(E, out_f, in_f, generator=g, device="cuda") * 0.02
+        blocks, scales = quantize_mxfp4(w)
+        dense = w.to(torch.bfloat16).transpose(1, 2).contiguous()  # (E, in, out), as the bf16 experts are stored
+        x = torch.randn(m, in_f, generator=g, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn(m, out_f, generator=g, device="cuda", dtype=torch.bfloat16)
+        problems.append((f"{proj} fwd", "fwd", x, blocks, scales, offs, dense))
+        # The bf16 input gradient multiplies by the transposed view, as autograd does for grouped_mm.
+        problems.append((f"{proj} dgrad", "dgrad", dy, blocks, scales, offs, dense.transpose(1, 2)))
+    return problems
+
+
+def mxfp4_candidates() -> list:
+    from osstune.kernels.mxfp4_gemm import MXFP4Tiles
+
+    out = []
+    for bm in (64, 128):
+        for bn in (64, 128, 256):
+            for bk in (64, 128, 256):
+                for warps in (4, 8):
+                    for stages in (2, 3, 4):
+                        for swap in (False, True):
+                            if bn * bk > 128 * 128 or bm * max(bn, bk) > 128 * 256:  # register/smem budget
+                                continue
+                            out.append(MXFP4Tiles(bm, bn, bk, warps, stages, swap))
+    return out
+
+
+def _precompile(args) -> int:
+    """Child process: compile a share of the candidates into Triton's disk cache, so that the timing
+    loop finds them compiled. Small sizes with the real ones' divisibility (Triton specialises integer
+    arguments and strides on divisibility by 16, not on their values): K = 96 like 2880 has K / 2
+    divisible by 16 and K / 32 not."""
+    from osstune.kernels.mxfp4_gemm import mxfp4_grouped_mm, mxfp4_grouped_mm_t
+
+    share, workers = args
+    n = 0
+    for i, tiles in enumerate(mxfp4_candidates()):
+        if i % workers != share:
+            continue
+        for _, kind, a, blocks, scales, offs, _ in mxfp4_problem(64, h=96, i=96):
+            fn = mxfp4_grouped_mm if kind == "fwd" else mxfp4_grouped_mm_t
+            try:
+                fn(a, blocks, scales, offs, tiles)
+                n += 1
+            except Exception:  # out of shared memory or registers: skipped in the timing loop too
+                pass
+    torch.cuda.synchronize()
+    return n
+
+
+def run_mxfp4(seqs, sweep: bool) -> None:
+    from osstune.kernels.mxfp4_gemm import BACKWARD_TILES, FORWARD_TILES, mxfp4_grouped_mm, mxfp4_grouped_mm_t
+
+    if sweep:
+        import multiprocessing as mp
+
+        workers = 12
+        t0 = time.time()
+        with mp.get_context("spawn").Pool(workers) as pool:
+            compiled = sum(pool.map(_precompile, [(s, workers) for s in range(workers)]))
+        print(f"  mxfp4: {compiled} kernel variants compiled in {time.time() - t0:.0f} s", flush=True)
+    for n in seqs:
+        shape = f"N={n}"
+        for name, kind, a, blocks, scales, offs, dense in mxfp4_problem(n):
+            fn = mxfp4_grouped_mm if kind == "fwd" else mxfp4_grouped_mm_t
+            m, flops = a.shape[0], 2 * a.shape[0] * dense.shape[1] * dense.shape[2]
+            record("mxfp4", f"grouped_mm bf16 {name}", shape, bench(lambda: torch._grouped_mm(a, dense, offs)), flops, None, None)
+            default = FORWARD_TILES if kind == "fwd" else BACKWARD_TILES
+            record("mxfp4", f"ours {name}", shape, bench(lambda: fn(a, blocks, scales, offs)), flops,
+                   f"grouped_mm bf16 {name}", None)
+            if not sweep:
+                continue
+            timed = []
+            for tiles in mxfp4_candidates():
+                try:
+                    timed.append((triton_bench_fast(lambda t=tiles: fn(a, blocks, scales, offs, t)), tiles))
+                except Exception:
+                    continue
+            timed.sort(key=lambda x: x[0])
+            for ms, tiles in timed[:3]:
+                t = tiles
+                label = f"{name} {t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}" + (" swap" if t.swap else "")
+                record("mxfp4", label, shape, ms, flops, f"grouped_mm bf16 {name}", None)
+            print(f"  mxfp4 {name} {shape}: default {default} vs best of {len(timed)}", flush=True)
+            del a, blocks, scales, dense
+        torch.cuda.empty_cache()
+
+
+def triton_bench_fast(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
 # ---------------------------------------------------------------- cross-entropy
 
 
@@ -276,7 +384,7 @@ def run_ce(seqs) -> None:
                 F.cross_entropy((hidden @ weight.t()).float(), labels).backward()
 
             rows = []
-            for chunk in (1024, 2048, 4096):
+            for chunk in (256, 384, 512, 1024, 2048):
                 step = lambda chunk=chunk: chunked_cross_entropy(hidden, weight, labels, chunk_size=chunk).backward()  # noqa: E731
                 rows.append((f"chunked {chunk} {label}", step))
             for name, step in rows:
@@ -305,9 +413,9 @@ def print_table() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["attention", "moe", "ce"], action="append")
+    parser.add_argument("--only", choices=["attention", "moe", "mxfp4", "ce"], action="append")
     parser.add_argument("--seqs", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--sweep", action="store_true", help="also sweep attention tile shapes")
+    parser.add_argument("--sweep", action="store_true", help="also sweep attention and MXFP4 GEMM tile shapes")
     parser.add_argument("--profile", action="store_true", help="print kernel-time breakdowns (MoE with LoRA, attention)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -316,9 +424,10 @@ def main() -> None:
 
     print(f"{time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()} torch {torch.__version__} "
           f"triton {triton.__version__}", flush=True)
-    only = args.only or ["attention", "moe", "ce"]
+    only = args.only or ["attention", "moe", "mxfp4", "ce"]
     t0 = time.time()
     for part, fn in (("attention", lambda: run_attention(args.seqs, args.sweep, args.profile)), ("moe", lambda: run_moe(args.seqs, args.profile)),
+                     ("mxfp4", lambda: run_mxfp4(args.seqs, args.sweep)),
                      ("ce", lambda: run_ce(args.seqs))):
         if part in only:
             fn()

@@ -118,6 +118,7 @@ def run_ours(spec: dict) -> dict:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     init_s = time.perf_counter() - t0
+    weights_gib = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = MasterAdamW(trainable, OptimConfig(lr=1e-4))
     seq = spec["seq"]
@@ -167,6 +168,9 @@ def run_ours(spec: dict) -> dict:
         hosts.append(host - t)
     result = _summary(dict(spec, warmup=warmup), cfg, times, init_s, loss, device)
     result["host_enqueue_s"] = round(sorted(hosts[warmup:])[spec["steps"] // 2], 3)
+    if device == "cuda":  # where the peak goes: weights, then what stays between steps (LoRA, grads, optimizer)
+        result["weights_gib"] = round(weights_gib, 2)
+        result["between_steps_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     if spec.get("profile"):
         result["profile"] = _profile(step, spec["out"], spec["name"])
     return result

@@ -177,11 +177,17 @@ def test_unsupported_experts_stay_on_reference_with_a_warning():
     assert len(summary.reference) == 2
 
 
-@pytest.mark.parametrize("lora", [LoraConfig(targets="all", train_sinks=True, train_router=True), None],
-                         ids=["lora", "no_lora"])
-def test_qlora_fast_path_matches_reference_cpu(lora, monkeypatch):
+_QLORA_ALL = LoraConfig(targets="all", train_sinks=True, train_router=True)
+
+
+@pytest.mark.parametrize("lora, policy", [(_QLORA_ALL, "layer"), (_QLORA_ALL, "keep_expert_gemms"), (None, "layer")],
+                         ids=["lora", "lora_keep_expert_gemms", "no_lora"])
+def test_qlora_fast_path_matches_reference_cpu(lora, policy, monkeypatch):
     """Packed MXFP4 experts (QLoRA) on the fast path (moe_experts_mxfp4) against the reference model,
-    which decodes each expert's weights on use: one packed training step's loss and gradients."""
+    which decodes each expert's weights on use: one packed training step's loss and gradients. With
+    "keep_expert_gemms" the checkpoint's recomputation skips the base MXFP4 GEMMs."""
+    import osstune.kernels.mxfp4_gemm as mx
+
     if torch.cuda.is_available():
         pytest.skip("the CPU case runs on machines without a GPU")
     if triton_installed() and triton_interpreter_problem():
@@ -192,9 +198,14 @@ def test_qlora_fast_path_matches_reference_cpu(lora, monkeypatch):
     assert any(type(m).__name__ == "MXFP4Experts" for m in model.modules())
     batch = _packed_batch(cfg, 1, [[20, 13]], 36, "cpu", gen)
     ref = _step(model, batch, cross_entropy_sum_ref)
-    summary = enable_fast_path(model)
+    summary = enable_fast_path(model, FastPathOptions(checkpoint=policy))
     assert summary.expert_layers == cfg.num_hidden_layers and not summary.reference
+    calls = []
+    forward = mx.mxfp4_grouped_mm
+    monkeypatch.setattr(mx, "mxfp4_grouped_mm", lambda *a, **k: calls.append(1) or forward(*a, **k))
     fast = _step(model, batch, cross_entropy_sum)
+    # Two base projections a layer in the forward, again in the recomputation unless they were kept.
+    assert len(calls) == 2 * cfg.num_hidden_layers * (1 if policy == "keep_expert_gemms" else 2)
     if lora is not None:
         _compare(fast, ref, 1e-4)
     else:  # no expert adapters: compare what there is (loss, attention LoRA, expert biases are frozen)

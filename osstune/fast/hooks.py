@@ -18,8 +18,8 @@ adapters and `disable_fast_path` work as before. The loss's fused kernel is chos
 - Gradient checkpointing, `checkpoint`: "layer" recomputes each decoder layer in the backward (the
   reference policy); "keep_expert_gemms" recomputes the layer but keeps the outputs of its two base
   expert GEMMs (torch's selective checkpointing): 2I + H bf16 values per routed row and layer
-  (141 MB a layer at 2,048 tokens) kept, the largest part of the recomputation saved (dense experts
-  only: the MXFP4 GEMMs are Triton kernels the policy does not see, so they recompute). Its dispatch
+  (141 MB a layer at 2,048 tokens) kept, the largest part of the recomputation saved (dense
+  `grouped_mm` and packed `osstune::mxfp4_grouped_mm` alike). Its dispatch
   mode costs host time per op, which only a graphed step (graphs.py) hides.
   docs/PERFORMANCE.md has the measurements.
 
@@ -42,6 +42,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from osstune.kernels import ExpertLoRA, moe_experts, sink_flash_attention
 from osstune.kernels.moe import moe_experts_mxfp4
+from osstune.kernels.mxfp4_gemm import MXFP4GroupedLinear
 from osstune.lora.layers import LoRAExperts
 from osstune.model import Attention, Experts, ForwardContext, GptOss, MoE, MXFP4Experts, sink_attention
 
@@ -185,7 +186,10 @@ def _max_expert_rank(model: nn.Module) -> int:
 
 def _keep_expert_gemms(ctx, op, *args, max_rank: int, **kwargs) -> CheckpointPolicy:
     """Selective-checkpointing policy: keep the outputs of base-weight grouped GEMMs (E, in, out),
-    recompute everything else. LoRA's grouped GEMMs have a rank-sized operand dimension."""
+    recompute everything else. LoRA's grouped GEMMs have a rank-sized operand dimension; the MXFP4
+    op also serves frozen attention projections, as one group (blocks (1, out, in/32, 16))."""
     if op is torch.ops.aten._grouped_mm.default and min(args[1].shape[-2:]) > max_rank:
+        return CheckpointPolicy.MUST_SAVE
+    if op is MXFP4GroupedLinear.op and args[1].shape[0] > 1:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE

@@ -27,7 +27,18 @@ import torch.nn.functional as F
 
 from osstune.kernels._backend import triton_usable
 
-DEFAULT_CHUNK = 2048
+# A chunk holds its float32 logits and their gradient in the input dtype at once: 6 bytes per
+# (row, vocabulary entry) in bf16, 1.2 MB a row at gpt-oss's 201,088 entries. The default chunk is
+# the rows that fit in this budget (384 at that vocabulary): at 2,048 rows a single chunk would
+# hold 2.3 GiB, a sixth of a QLoRA run's whole memory. Smaller chunks re-read the weight more often
+# (1.16 GB a chunk, forward and gradient), which costs little next to the chunk's GEMMs.
+CHUNK_BUDGET = 512 * 2**20
+
+
+def default_chunk_rows(vocab: int, budget: int = CHUNK_BUDGET) -> int:
+    """Rows per chunk whose float32 logits and bf16 gradient fit in `budget` bytes: a multiple of
+    128 (full GEMM tiles), at least 128."""
+    return max(128, budget // (6 * vocab) // 128 * 128)
 
 
 class CrossEntropyInputError(ValueError):
@@ -39,7 +50,7 @@ def chunked_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int = -100,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of softmax(hidden (N, H) @ weight (V, H).T) against labels (N,) over the
     tokens whose label is not ignore_index; float32 scalar."""
@@ -52,9 +63,12 @@ def chunked_cross_entropy_sum(
     weight: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int = -100,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token losses (float32 scalar, differentiable), number of non-ignored tokens (int64 scalar))."""
+    """(sum of token losses (float32 scalar, differentiable), number of non-ignored tokens (int64 scalar)).
+    chunk_size: rows per chunk; default `default_chunk_rows(V)`."""
+    if chunk_size is None:
+        chunk_size = default_chunk_rows(weight.shape[0])
     _check_inputs(hidden, weight, labels, chunk_size)
     valid = labels != ignore_index
     # Checked on the device, without a host sync: a bad label stops the next kernel with this message.

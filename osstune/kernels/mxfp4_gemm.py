@@ -54,11 +54,11 @@ class MXFP4Tiles:
                 f"MXFP4Tiles.block_k={self.block_k}: must be a multiple of 32 (one MXFP4 scale group)")
 
 
-# Not yet timed on a GPU; picked from sm_90 compiles (docs/QLORA.md): no register spills, two CTAs fit
-# on an SM, and 128 rows share each decoded weight tile, which keeps the decode's ALU work near the
-# MMA time. The input gradient gets 2 stages so that its (128, 128) dy tiles leave room for two CTAs.
-FORWARD_TILES = MXFP4Tiles()
-BACKWARD_TILES = MXFP4Tiles(num_stages=2)
+# The best of 144 tile shapes timed on an H100 at the gpt-oss-20b expert shapes, 2,048 and 8,192
+# tokens (`python bench/kernels.py --only mxfp4 --sweep`; docs/QLORA.md has the table): 128 rows
+# share each decoded weight tile, which keeps the decode's ALU work near the MMA time.
+FORWARD_TILES = MXFP4Tiles(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3)
+BACKWARD_TILES = MXFP4Tiles(block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=2)
 # float32 inputs take a float32 FMA product (tests, CPU interpreter): small tiles, or registers spill.
 FLOAT32_TILES = MXFP4Tiles(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=2)
 _DTYPES = (torch.bfloat16, torch.float32)
@@ -98,20 +98,40 @@ def mxfp4_grouped_mm_t_ref(dy: torch.Tensor, blocks: torch.Tensor, scales: torch
     return _ref_loop(dy, blocks, scales, offs, lambda rows, w: rows @ w, blocks.shape[2] * 32)
 
 
-class MXFP4GroupedLinear(torch.autograd.Function):
-    """y = mxfp4_grouped_mm(x_sorted, blocks, scales, offs); the base weights are frozen, so the
-    backward returns dx only (QLoRA trains adapters beside them)."""
+@torch.library.custom_op("osstune::mxfp4_grouped_mm", mutates_args=())
+def _mxfp4_linear(x_sorted: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return mxfp4_grouped_mm(x_sorted, blocks, scales, offs)
 
-    @staticmethod
-    def forward(ctx, x_sorted, blocks, scales, offs):
-        ctx.save_for_backward(blocks, scales, offs)
-        return mxfp4_grouped_mm(x_sorted, blocks, scales, offs)
 
-    @staticmethod
-    def backward(ctx, dy):
-        blocks, scales, offs = ctx.saved_tensors
-        dx = mxfp4_grouped_mm_t(dy.contiguous(), blocks, scales, offs) if ctx.needs_input_grad[0] else None
-        return dx, None, None, None
+@_mxfp4_linear.register_fake
+def _(x_sorted, blocks, scales, offs):
+    return x_sorted.new_empty(x_sorted.shape[0], blocks.shape[1])
+
+
+def _linear_setup(ctx, inputs, output) -> None:
+    _, blocks, scales, offs = inputs
+    ctx.save_for_backward(blocks, scales, offs)
+
+
+def _linear_backward(ctx, dy):
+    blocks, scales, offs = ctx.saved_tensors
+    dx = mxfp4_grouped_mm_t(dy.contiguous(), blocks, scales, offs) if ctx.needs_input_grad[0] else None
+    return dx, None, None, None
+
+
+_mxfp4_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+class MXFP4GroupedLinear:
+    """y = mxfp4_grouped_mm(x_sorted, blocks, scales, offs) with autograd: `MXFP4GroupedLinear.apply(...)`.
+    The base weights are frozen, so the backward returns dx only (QLoRA trains adapters beside them).
+
+    A registered torch op (`torch.ops.osstune.mxfp4_grouped_mm`), not a Python autograd Function, so
+    that selective-checkpointing policies see it and may keep its output (osstune.fast's
+    "keep_expert_gemms")."""
+
+    apply = staticmethod(_mxfp4_linear)
+    op = torch.ops.osstune.mxfp4_grouped_mm.default
 
 
 def _use_triton(a: torch.Tensor) -> bool:

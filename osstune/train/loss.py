@@ -20,9 +20,10 @@ IGNORE = -100
 
 
 def cross_entropy_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 2048, budget: int = 1 << 30
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None, budget: int = 1 << 30
 ) -> torch.Tensor:
     """hidden (N, H), weight (V, H), labels (N,) with -100 = not trained -> summed loss (float32).
+    chunk: tokens per chunk; default: the kernel's memory-bounded choice on CUDA, 2048 elsewhere.
 
     On CUDA the kernel computes the gradients during this call (they are the backward's only
     work), so call it where a backward follows, or under torch.no_grad (then it skips them).
@@ -30,7 +31,7 @@ def cross_entropy_sum(
     if hidden.is_cuda:
         total, _ = chunked_cross_entropy_sum(hidden, weight, labels, IGNORE, chunk)
         return total
-    return cross_entropy_sum_ref(hidden, weight, labels, chunk, budget)
+    return cross_entropy_sum_ref(hidden, weight, labels, chunk or 2048, budget)
 
 
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
