@@ -59,6 +59,16 @@ def save_model(
     fmt = format or cfg.expert_format
     if fmt not in ("bf16", "mxfp4"):
         raise CheckpointError(f"format={format!r}: expected 'bf16', 'mxfp4' or None (keep the model's layout)")
+    if getattr(model, "quantized_attention", False):
+        # Set by osstune.quant.linear.quantize_attention, and kept by merge_lora: the attention
+        # weights are (or derive from) a lossy MXFP4 copy of the checkpoint's bf16 ones.
+        raise CheckpointError(
+            f"cannot save to {out_dir}: this model's attention projections were quantized to MXFP4 "
+            "(quantize_attention), a lossy copy of the original bf16 weights, so the checkpoint would "
+            "silently differ from its base; save the LoRA adapter instead (save_adapter; training writes "
+            "it to <output>/adapter) and merge it onto the original checkpoint with "
+            "`osstune export --model BASE --adapter ADAPTER_DIR --output OUT`"
+        )
     state = model.state_dict()
     extra = sorted(set(state) - set(tensor_specs(cfg)))
     if extra:

@@ -1,8 +1,9 @@
 """Put LoRA wrappers into a `GptOss` model, choose what trains, and fold adapters back for export.
 
 The model is changed in place by replacing modules (composition): `self_attn.q_proj` becomes a
-`LoRALinear` around the original `nn.Linear`, `mlp.experts` a `LoRAExperts` around the original
-experts. `model.lora_config` records the options the adapter was made with.
+`LoRALinear` around the original `nn.Linear` (or the `MXFP4Linear` that
+`osstune.quant.linear.quantize_attention` put there), `mlp.experts` a `LoRAExperts` around the
+original experts. `model.lora_config` records the options the adapter was made with.
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ def merge_lora(model: GptOss) -> GptOss:
     gate_up and down alike. Where expert LoRA sat over MXFP4 experts, the merged weights are
     dense, so every remaining MXFP4 expert block is decoded too and `model.config.expert_format`
     becomes "bf16": one layout per model, as checkpoints have. Requantizing is `osstune export`'s job.
+
+    Attention stored as MXFP4 (`quantize_attention`): an adapted projection becomes a dense
+    `nn.Linear` of decoded W + scale * B @ A; projections without an adapter stay `MXFP4Linear`
+    (the model is not headed for a checkpoint anyway). `model.quantized_attention` stays set: the
+    merged weights derive from the lossy MXFP4 copy, so `save_model` still refuses the model; merge
+    the saved adapter onto the original checkpoint with `osstune export` instead.
     """
     densified = False
     for path, wrapper in lora_wrappers(model).items():

@@ -3,7 +3,8 @@
     y = base(x) + scale * (dropout(x) @ A) @ B
 
 W + scale * A @ B is never formed during training: for the experts that would be a second
-(E, H, 2I) tensor per layer, and over MXFP4 experts it would undo the packing. Merging
+(E, H, 2I) tensor per layer, and over MXFP4 experts or MXFP4 attention projections
+(`osstune.quant.linear.MXFP4Linear`) it would undo the packing. Merging
 (`merge()`) folds the pair into the base weight once, for export.
 
 Shape legend: N tokens, E experts, H hidden, I expert intermediate, r rank, in/out the
@@ -19,18 +20,19 @@ from torch import nn
 from osstune.config import ModelConfig
 from osstune.lora.config import EXPERT_KINDS
 from osstune.model import Experts, MXFP4Experts
+from osstune.quant.linear import MXFP4Linear
 
 
 def _init_pair(
-    shape_a: tuple[int, ...], shape_b: tuple[int, ...], fan_in: int, like: torch.Tensor, dtype, gen
+    shape_a: tuple[int, ...], shape_b: tuple[int, ...], fan_in: int, device: torch.device, dtype, gen
 ) -> tuple[nn.Parameter, nn.Parameter]:
     """A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) and B = 0, as PEFT initialises lora_A/lora_B
     (kaiming_uniform_ with a=sqrt(5), i.e. nn.Linear's default): an untrained adapter is a no-op."""
     bound = fan_in**-0.5
     a = torch.empty(shape_a, dtype=torch.float32).uniform_(-bound, bound, generator=gen)
     return (
-        nn.Parameter(a.to(device=like.device, dtype=dtype)),
-        nn.Parameter(torch.zeros(shape_b, device=like.device, dtype=dtype)),
+        nn.Parameter(a.to(device=device, dtype=dtype)),
+        nn.Parameter(torch.zeros(shape_b, device=device, dtype=dtype)),
     )
 
 
@@ -39,12 +41,14 @@ def _dropout(p: float) -> nn.Module:
 
 
 class LoRALinear(nn.Module):
-    """LoRA over an `nn.Linear`. lora_A (r, in) and lora_B (out, r) use nn.Linear's orientation,
-    the same as PEFT's `lora_A.weight` / `lora_B.weight`."""
+    """LoRA over an `nn.Linear`, or over an `MXFP4Linear` (attention stored as MXFP4 by
+    `osstune.quant.linear.quantize_attention`; it stays packed). lora_A (r, in) and lora_B (out, r)
+    use nn.Linear's orientation, the same as PEFT's `lora_A.weight` / `lora_B.weight`, whatever the
+    base's storage."""
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Linear | MXFP4Linear,
         r: int,
         scale: float,
         dropout: float = 0.0,
@@ -55,9 +59,12 @@ class LoRALinear(nn.Module):
         self.base_layer = base
         self.r, self.scale = r, scale
         self.dropout = _dropout(dropout)
-        dtype = dtype or base.weight.dtype
+        # An MXFP4Linear has no dense weight; its `dtype` is its bias's.
+        packed = isinstance(base, MXFP4Linear)
+        device = base.device if packed else base.weight.device
+        dtype = dtype or (base.dtype if packed else base.weight.dtype)
         self.lora_A, self.lora_B = _init_pair(
-            (r, base.in_features), (base.out_features, r), base.in_features, base.weight, dtype, generator
+            (r, base.in_features), (base.out_features, r), base.in_features, device, dtype, generator
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,11 +73,19 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        """Fold the pair into the base weight (in float32) and return the base module."""
-        w = self.base_layer.weight
+        """Fold the pair into the base weight (in float32) and return it as an `nn.Linear`.
+
+        A dense base is updated in place and returned. An `MXFP4Linear` base is decoded first (to
+        its dtype) and a new dense `nn.Linear` holding decoded W + scale * B @ A is returned (sharing
+        the bias): the sum is off the MXFP4 grid, and it is built on the lossy decoded weights, not
+        the checkpoint's; see `merge_lora`.
+        """
+        base = self.base_layer
+        dense = base.dequantized() if isinstance(base, MXFP4Linear) else base
+        w = dense.weight
         delta = self.scale * (self.lora_B.float() @ self.lora_A.float())  # (out, in)
         w.copy_((w.float() + delta).to(w.dtype))
-        return self.base_layer
+        return dense
 
 
 def _expert_dims(base: Experts) -> dict[str, tuple[int, int]]:
@@ -111,7 +126,7 @@ class LoRAExperts(nn.Module):
         e = base.num_experts
         for kind, (n_in, n_out) in _expert_dims(base).items():
             if kind in self.kinds:
-                a, b = _init_pair((e, n_in, r), (e, r, n_out), n_in, like, dtype, generator)
+                a, b = _init_pair((e, n_in, r), (e, r, n_out), n_in, like.device, dtype, generator)
                 self.register_parameter(f"{kind}_lora_A", a)
                 self.register_parameter(f"{kind}_lora_B", b)
 
