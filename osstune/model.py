@@ -314,11 +314,15 @@ class GptOss(nn.Module):
         # Extra keyword arguments of torch.utils.checkpoint.checkpoint (e.g. a selective policy's
         # context_fn, set by osstune.fast).
         self.checkpoint_options: dict = {}
+        # Replaces that checkpoint when set: (layer, x, ctx) -> the layer's output, with the layer
+        # recomputed in the backward (osstune.offload.ActivationOffload keeps x in host memory).
+        self.checkpoint_impl: Callable | None = None
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         *,
+        inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
@@ -326,25 +330,34 @@ class GptOss(nn.Module):
     ) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or the final normed hidden states (B, T, H).
 
-        position_ids (B, T): rotary positions (restart at 0 per packed document); default: the
-        token's index after the cache. doc_ids (B, T): attention never crosses documents. With a
-        cache, the new tokens attend to everything cached before them.
+        inputs_embeds (B, T, H), instead of input_ids: tokens already embedded (a CUDA graph takes
+        them from a host-memory table, osstune.fast.graphs). position_ids (B, T): rotary positions
+        (restart at 0 per packed document); default: the token's index after the cache. doc_ids
+        (B, T): attention never crosses documents. With a cache, the new tokens attend to everything
+        cached before them.
         """
-        b, t = input_ids.shape
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass either input_ids or inputs_embeds to GptOss.forward, not both or neither")
         past = cache.length if cache is not None else 0
         if doc_ids is not None and cache is not None:
             raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
-        device = input_ids.device
+        # The embedding's output, not input_ids, says where the model runs: a table in host memory
+        # (osstune.offload.HostEmbedding) takes the ids on the host.
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
+        b, t = x.shape[:2]
+        device = x.device
         q_index = torch.arange(past, past + t, device=device)
         k_index = torch.arange(past + t, device=device)
         if position_ids is None:
             position_ids = q_index.unsqueeze(0).expand(b, t)
         cos, sin = self.model.rotary(position_ids)
         ctx = ForwardContext(cos, sin, q_index, k_index, self.config.sliding_window, doc_ids, cache)
-        x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, ctx, use_reentrant=False, **self.checkpoint_options)
+                if self.checkpoint_impl is not None:
+                    x = self.checkpoint_impl(layer, x, ctx)
+                else:
+                    x = checkpoint(layer, x, ctx, use_reentrant=False, **self.checkpoint_options)
             else:
                 x = layer(x, ctx)
         x = self.model.norm(x)

@@ -11,15 +11,18 @@ effect as the trainer's eager micro-step: the loss sum over trained tokens is re
 device scalar), and the gradients of (loss sum / n_trained) are accumulated into `.grad`.
 - The first `warmup` calls run eagerly (they are real micro-steps; they also compile the kernels),
   on a side stream as PyTorch's capture recipe asks; the next call records, then replays.
-- Inputs are copied into static buffers; a batch of another shape runs eagerly.
+- Inputs are copied into static buffers; a batch of another shape runs eagerly. With the embedding
+  table in host memory (osstune.offload.HostEmbedding) the rows are looked up outside the graph and
+  copied into a static (B, T, H) buffer that the graph reads as `inputs_embeds`.
 - Gradients live in static tensors that the graph accumulates into. An optimizer may drop them
   (`p.grad = None`, as MasterAdamW does after its step): the next call puts them back, zeroed.
 - The optimizer itself runs eagerly: MasterAdamW reads the gradient norm on the host.
 
 Needs (`why_not_graphed`): a CUDA model whose attention and experts all run on the fast path (the
 reference expert loop reads the routing on the host; dense and packed MXFP4 experts, with or without
-LoRA, both qualify), and no dropout (capture forbids the
-checkpoint's RNG bookkeeping, without which a recomputed dropout mask would differ).
+LoRA, both qualify), no dropout (capture forbids the
+checkpoint's RNG bookkeeping, without which a recomputed dropout mask would differ), and layer inputs
+kept on the GPU (osstune.offload.ActivationOffload copies them to the host, which a graph cannot record).
 The graph's memory pool holds the step's activations between calls, as the caching allocator's
 cache otherwise would.
 """
@@ -34,6 +37,7 @@ from torch import nn
 
 from osstune.fast.hooks import fast_attention, fast_experts, reference_reason
 from osstune.model import Attention, GptOss, MoE
+from osstune.offload import ActivationOffload, HostEmbedding
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # hidden (N, H), weight (V, H), labels (N,)
 
@@ -44,6 +48,11 @@ class GraphCaptureError(RuntimeError):
 
 def why_not_graphed(model: GptOss) -> str | None:
     """Why the training step of `model` cannot be recorded as a CUDA graph, or None when it can."""
+    if model.gradient_checkpointing and isinstance(model.checkpoint_impl, ActivationOffload):
+        return (
+            "layer inputs go to host memory (memory.activations: cpu), copies a CUDA graph cannot record; "
+            "the step runs eagerly"
+        )
     if not next(model.parameters()).is_cuda:
         return "the model is not on a CUDA device"
     for name, m in model.named_modules():
@@ -78,7 +87,11 @@ class GraphedStep:
         self.calls = self.replays = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.shape: tuple[int, ...] | None = None
-        self.inputs: list[torch.Tensor] = []  # static input_ids, position_ids, doc_ids, labels, n_trained
+        # Static input_ids (or embedded rows (B, T, H) with a host-memory table), position_ids, doc_ids,
+        # labels, n_trained.
+        self.inputs: list[torch.Tensor] = []
+        embed = model.model.embed_tokens
+        self.host_embedding = embed if isinstance(embed, HostEmbedding) else None
         self.grads: list[torch.Tensor] = []
         self.loss: torch.Tensor | None = None
         self.side = torch.cuda.Stream(device=next(model.parameters()).device)
@@ -100,7 +113,11 @@ class GraphedStep:
         if self.graph is None:
             self._capture(input_ids, position_ids, doc_ids, labels, n_trained)
         else:
-            for static, new in zip(self.inputs, (input_ids, position_ids, doc_ids, labels)):
+            if self.host_embedding is not None:
+                self.host_embedding(input_ids, out=self.inputs[0])
+            else:
+                self.inputs[0].copy_(input_ids, non_blocking=True)
+            for static, new in zip(self.inputs[1:4], (position_ids, doc_ids, labels)):
                 static.copy_(new, non_blocking=True)
             self.inputs[4].fill_(float(n_trained))
         self.graph.replay()
@@ -109,12 +126,18 @@ class GraphedStep:
 
     def _to_device(self, input_ids, position_ids, doc_ids, labels, n_trained) -> list[torch.Tensor]:
         device = self.params[0].device
-        tensors = [t.to(device, non_blocking=True) for t in (input_ids, position_ids, doc_ids, labels)]
-        return tensors + [torch.tensor(float(n_trained), device=device)]
+        if self.host_embedding is not None:
+            tokens = self.host_embedding(input_ids)  # (B, T, H) on the device
+        else:
+            tokens = input_ids.to(device, non_blocking=True)
+        tensors = [t.to(device, non_blocking=True) for t in (position_ids, doc_ids, labels)]
+        return [tokens, *tensors, torch.tensor(float(n_trained), device=device)]
 
-    def _eager(self, input_ids, position_ids, doc_ids, labels, n_trained) -> torch.Tensor:
+    def _eager(self, tokens, position_ids, doc_ids, labels, n_trained) -> torch.Tensor:
+        """tokens: input_ids (B, T), or their embedded rows (B, T, H) with a host-memory table."""
         model = self.model
-        hidden = model(input_ids, position_ids=position_ids, doc_ids=doc_ids, return_hidden=True)
+        inputs = {"inputs_embeds": tokens} if self.host_embedding is not None else {"input_ids": tokens}
+        hidden = model(**inputs, position_ids=position_ids, doc_ids=doc_ids, return_hidden=True)
         loss_sum = self.loss_fn(hidden.flatten(0, 1), model.lm_head.weight, labels.flatten())
         (loss_sum / n_trained).backward()
         return loss_sum.detach()
@@ -148,7 +171,7 @@ class GraphedStep:
 
     def _capture(self, *batch) -> None:
         self.inputs = self._to_device(*batch)
-        self.shape = tuple(self.inputs[0].shape)
+        self.shape = tuple(batch[0].shape)
         options = self.model.checkpoint_options
         # Capture forbids reading the CUDA generator, which the checkpoint does to replay dropout
         # masks; why_not_graphed guarantees there is no dropout to replay.

@@ -38,6 +38,27 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    """Where the large tensors of a training step live on a CUDA machine: "gpu", or "cpu" (host
+    memory). Each "cpu" gives the same numbers and trades GPU memory for PCIe copies; on a CPU-only
+    run both settings are the same place (osstune/offload.py, osstune/train/optim.py)."""
+
+    # The frozen embedding table (1.08 GiB for gpt-oss): rows are gathered on the host and only the
+    # batch's (B, T, hidden) rows are copied over: 3-12 ms per micro-step (2k-64k tokens, measured
+    # on an H100 machine), where the GPU's own lookup takes under 1 ms. Not for a trained embedding.
+    embedding: Literal["gpu", "cpu"] = "gpu"
+    # The optimizer's float32 masters and AdamW moments (12 bytes per trainable value: 1.04 GiB for
+    # LoRA r=8 on attention + experts of gpt-oss-20b, 92M values). Costs gradients and weights over
+    # PCIe and AdamW on the CPU once per optimizer step: 0.23 s instead of 0.02 s for those 92M.
+    optimizer: Literal["gpu", "cpu"] = "gpu"
+    # The layer inputs that gradient checkpointing keeps (2 x tokens x hidden bytes per layer: 8.4 GiB
+    # for 24 layers at 65,536 tokens; the measured peak fell 7.6 GiB, the step took 0.6% longer).
+    # Copied out and back on a side stream, overlapping the compute; the step is then not recorded
+    # as a CUDA graph (host copies cannot be). Needs gradient_checkpointing.
+    activations: Literal["gpu", "cpu"] = "gpu"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: str = "tiny"
     output: str = "runs/osstune"
@@ -45,6 +66,12 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    # QLoRA only: "mxfp4" also stores the frozen attention projections q/k/v/o in MXFP4, as classic
+    # QLoRA stores every frozen linear in 4 bits (gpt-oss-20b: 1.19 -> 0.32 GiB). Lossy: the
+    # relative error is reported at the start of the run; the adapter is merged onto the original
+    # bf16 weights by `osstune export`. Slower attention projections (docs/QLORA.md).
+    attention_weights: Literal["bf16", "mxfp4"] = "bf16"
     # Full fine-tuning: which weights train; names are matched as substrings ("all" = everything).
     full_targets: tuple[str, ...] = ("all",)
     steps: int = 100
@@ -79,7 +106,32 @@ class TrainConfig:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}")
         if self.method != "full" and self.full_targets != ("all",):
             raise ValueError(f"full_targets only applies to method 'full', not {self.method!r}")
+        if self.attention_weights not in ("bf16", "mxfp4"):
+            raise ValueError(f"attention_weights={self.attention_weights!r}; use 'bf16' or 'mxfp4'")
+        if self.attention_weights == "mxfp4" and self.method != "qlora":
+            raise ValueError(
+                f"attention_weights='mxfp4' stores frozen attention weights in 4 bits, which only method 'qlora' "
+                f"trains on; method is {self.method!r}. Use --method qlora or attention_weights='bf16'"
+            )
+        if self.memory.activations == "cpu" and not self.gradient_checkpointing:
+            raise ValueError(
+                "memory.activations='cpu' moves the layer inputs that gradient checkpointing keeps; "
+                "turn gradient_checkpointing on or set memory.activations='gpu'"
+            )
+        # The trainer's own rule for full_targets (a name contains a target, or "all").
+        if self.memory.embedding == "cpu" and self.method == "full" and any(
+            t == "all" or t in "model.embed_tokens.weight" for t in self.full_targets
+        ):
+            raise ValueError(
+                f"memory.embedding='cpu' keeps the embedding frozen in host memory, but full_targets "
+                f"{list(self.full_targets)} trains model.embed_tokens.weight; list targets that leave it out "
+                "(e.g. [self_attn, mlp, norm, lm_head]) or set memory.embedding='gpu'"
+            )
 
 
 # Fields that may differ when a run is resumed (they do not change what was computed so far).
-RESUMABLE_CHANGES = frozenset({"steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "device", "fast"})
+# "memory" itself: checkpoints written before that section existed have none.
+RESUMABLE_CHANGES = frozenset({
+    "steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "device", "fast",
+    "memory", "memory.embedding", "memory.optimizer", "memory.activations",
+})  # fmt: skip

@@ -30,16 +30,33 @@ class MasterAdamW:
     Trainable parameters stored in float32 (LoRA weights, everything on the CPU) are their own
     master; lower-precision ones get a float32 copy that receives the gradient, is updated, and is
     copied back after each step, so small updates are not lost to bf16 rounding.
+
+    offload: the masters and AdamW's moments (12 bytes per trainable value) live in host memory,
+    pinned on a CUDA machine. Each step copies the gradients into pinned float32 buffers (all copies
+    queued, then one wait), clips and updates on the CPU, and copies the new weights back. Every
+    parameter then has a separate float32 master, on a CPU-only run too (harmless, and the same code
+    as on a GPU). The numbers are the same as without offload, up to the order of float sums (the
+    CPU's reductions and AdamW kernels are not the GPU's), and so is the checkpoint state: a run can
+    resume with the other setting.
     """
 
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfig) -> None:
+    def __init__(
+        self, named_params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfig, *, offload: bool = False
+    ) -> None:
         if not named_params:
             raise ValueError("no trainable parameters: check the method and its targets")
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
-        self.masters = [
-            p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True) for p in self.params
-        ]
+        self.offload = offload
+        if offload:
+            self.masters = _host_tensors(self.params)
+            for m, p in zip(self.masters, self.params):
+                m.copy_(p.detach())
+            self.grad_buffers = _host_tensors(self.params)
+        else:
+            self.masters = [
+                p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True) for p in self.params
+            ]
         self.cfg = cfg
         self.opt = torch.optim.AdamW(
             self.masters, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=True
@@ -48,9 +65,12 @@ class MasterAdamW:
     @torch.no_grad()
     def step(self, lr: float) -> float:
         """Clip, update, and return the gradient norm before clipping."""
-        for p, m in zip(self.params, self.masters):
-            if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
+        if self.offload:
+            self._gradients_to_host()
+        else:
+            for p, m in zip(self.params, self.masters):
+                if m is not p:
+                    m.grad = None if p.grad is None else p.grad.float()
         grads = [m.grad for m in self.masters if m.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(self.masters, self.cfg.max_grad_norm) if grads else torch.zeros(())
         for group in self.opt.param_groups:
@@ -58,9 +78,19 @@ class MasterAdamW:
         self.opt.step()
         for p, m in zip(self.params, self.masters):
             if m is not p:
-                p.copy_(m)
+                # Host masters: an asynchronous copy from pinned memory, converted on the GPU. The next
+                # step's wait (or load_state_tensors') comes before any write to the masters.
+                p.copy_(m.to(p.device, non_blocking=True))
         self.zero_grad()
         return float(norm)
+
+    def _gradients_to_host(self) -> None:
+        for p, m, buffer in zip(self.params, self.masters, self.grad_buffers):
+            m.grad = None
+            if p.grad is not None:
+                buffer.copy_(p.grad, non_blocking=True)  # a bf16 gradient is widened on the GPU first
+                m.grad = buffer
+        _wait_for_copies(self.params)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -69,21 +99,25 @@ class MasterAdamW:
             m.grad = None
 
     # ---- checkpoint state: tensors for safetensors, scalars for JSON ----
+    # A master is saved only where it holds more than the parameter (a lower-precision parameter),
+    # so the state is the same with and without offload.
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, p, m in zip(self.names, self.params, self.masters):
-            if m is not p:
+            if p.dtype != torch.float32:
                 out[f"master/{name}"] = m.detach()
             for key, value in self.opt.state.get(m, {}).items():
                 out[f"adam/{name}/{key}"] = value if value.dim() else value.reshape(1)
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        _wait_for_copies(self.params)
         with torch.no_grad():
             for name, p, m in zip(self.names, self.params, self.masters):
                 if m is not p:
-                    m.copy_(tensors[f"master/{name}"])
+                    # A float32 parameter is its own master: it was loaded with the trainable weights.
+                    m.copy_(p if p.dtype == torch.float32 else tensors[f"master/{name}"])
                     p.copy_(m)
                 state = {}
                 for key in ("step", "exp_avg", "exp_avg_sq"):
@@ -92,3 +126,20 @@ class MasterAdamW:
                         state[key] = t.reshape(()) if key == "step" else t.to(m.device)
                 if state:
                     self.opt.state[m] = state
+
+
+def _host_tensors(like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """float32 host tensors shaped like `like`: views of one buffer, pinned when any is on a GPU (one
+    pinned block instead of one per tensor, each rounded up to a power of two by PyTorch's cache)."""
+    flat = torch.empty(sum(t.numel() for t in like), dtype=torch.float32, pin_memory=any(t.is_cuda for t in like))
+    out, offset = [], 0
+    for t in like:
+        out.append(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return out
+
+
+def _wait_for_copies(params: list[torch.Tensor]) -> None:
+    """Until the copies queued on the parameters' GPUs (gradients out, weights in) are done."""
+    for device in {p.device for p in params if p.is_cuda}:
+        torch.cuda.current_stream(device).synchronize()
