@@ -187,8 +187,8 @@ def test_qlora_trains_lora_over_packed_mxfp4_experts(data, tmp_path, monkeypatch
     seen = {}
     real = trainer_mod._prepare_model
 
-    def spy(*args):
-        model = real(*args)
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
         seen["experts"] = [layer.mlp.experts.base_layer for layer in model.model.layers]
         return model
 
@@ -197,6 +197,33 @@ def test_qlora_trains_lora_over_packed_mxfp4_experts(data, tmp_path, monkeypatch
     assert all(math.isfinite(x) for x in result.losses)
     assert all(isinstance(e, MXFP4Experts) and e.gate_up_proj_blocks.dtype == torch.uint8 for e in seen["experts"])
     assert (result.artifact / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_with_mxfp4_attention_reports_the_error_and_trains(data, tmp_path, monkeypatch, capsys):
+    from osstune.create import create_checkpoint
+    from osstune.quant.linear import MXFP4Linear
+
+    packed = create_checkpoint("tiny", tmp_path / "mxfp4", mxfp4=True, seed=2)
+    seen = {}
+    real = trainer_mod._prepare_model
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        seen["q"] = [layer.self_attn.q_proj.base_layer for layer in model.model.layers]
+        return model
+
+    monkeypatch.setattr(trainer_mod, "_prepare_model", spy)
+    cfg = _cfg(packed, data, tmp_path / "run", method="qlora", steps=2, attention_weights="mxfp4")
+    result = trainer_mod.train(cfg)
+    assert all(isinstance(q, MXFP4Linear) for q in seen["q"])
+    assert all(math.isfinite(x) for x in result.losses)
+    assert "attention projections stored as MXFP4 (lossy)" in capsys.readouterr().err
+    assert (result.artifact / "adapter_model.safetensors").is_file()
+
+
+def test_mxfp4_attention_needs_qlora():
+    with pytest.raises(ValueError, match="only method 'qlora'"):
+        TrainConfig(method="lora", attention_weights="mxfp4")
 
 
 def test_qlora_on_a_bf16_checkpoint_is_refused_before_compute(base, data, tmp_path, monkeypatch):

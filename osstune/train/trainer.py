@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from osstune.fast import enable_fast_path, graphed_step, use_fast_path
+from osstune.offload import HostEmbedding, offload_activations, offload_embedding
 from osstune.train import state as ckpt
 from osstune.train.batches import Batch, build_data
 from osstune.train.config import RESUMABLE_CHANGES, TrainConfig
@@ -88,7 +89,10 @@ def _check_method(cfg: TrainConfig) -> None:
         )
 
 
-def _prepare_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def _prepare_model(
+    cfg: TrainConfig, device: torch.device, dtype: torch.dtype, notes: list[str] | None = None
+) -> torch.nn.Module:
+    """The model as `cfg` trains it; what the user should know about it is appended to `notes`."""
     from osstune.checkpoint import load_model
 
     # QLoRA, and full fine-tuning that leaves the experts frozen, keep MXFP4 experts packed as
@@ -97,9 +101,22 @@ def _prepare_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -
         cfg.method == "full" and not any(t in ("all", "experts", "mlp.experts") for t in cfg.full_targets)
     )
     packed = frozen and _stored_expert_format(cfg.model) == "mxfp4"
-    model = load_model(cfg.model, dtype=dtype, device=device, packed_experts=packed)
+    # A table meant for host memory is loaded on the host, with the rest, which then moves: loaded
+    # onto the GPU, the table would be there (first) alongside every other weight, at the peak
+    # of the load, which is what a small GPU fails on. Costs the model's size in host memory meanwhile.
+    host_first = cfg.memory.embedding == "cpu" and device.type == "cuda"
+    model = load_model(cfg.model, dtype=dtype, device="cpu" if host_first else device, packed_experts=packed)
     for p in model.parameters():
         p.requires_grad_(False)
+    if cfg.memory.embedding == "cpu":  # TrainConfig refuses it for a trained table
+        offload_embedding(model, device)
+    model.to(device)  # the rest; a HostEmbedding's table stays on the host
+    if cfg.attention_weights == "mxfp4":  # before LoRA wraps the projections, on the training device
+        from osstune.quant.linear import quantize_attention
+
+        report = quantize_attention(model)
+        if notes is not None:
+            notes.append(report.summary())
     if cfg.method in ("lora", "qlora"):
         from osstune.lora import apply_lora
 
@@ -113,14 +130,18 @@ def _prepare_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -
         for n in chosen:
             params[n].requires_grad_(True)
     model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.memory.activations == "cpu":
+        offload_activations(model)
     if use_fast_path(cfg.fast, device):
         enable_fast_path(model)
     return model
 
 
 def _batch_loss(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    # A host-memory embedding takes the ids where they are (sending them over and back would sync).
+    on_host = isinstance(model.model.embed_tokens, HostEmbedding)
     hidden = model(
-        batch.input_ids.to(device),
+        batch.input_ids if on_host else batch.input_ids.to(device),
         position_ids=batch.position_ids.to(device),
         doc_ids=batch.doc_ids.to(device),
         return_hidden=True,
@@ -167,10 +188,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
     data = build_data(cfg)
 
     torch.manual_seed(cfg.seed)
-    model = _prepare_model(cfg, device, dtype)
+    notes: list[str] = []
+    model = _prepare_model(cfg, device, dtype, notes)
     model.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = MasterAdamW(trainable, cfg.optim)
+    opt = MasterAdamW(trainable, cfg.optim, offload=cfg.memory.optimizer == "cpu")
     # Forward + loss + backward as one CUDA graph replay (osstune/fast/graphs.py); None: eager.
     graphed = graphed_step(model, cross_entropy_sum) if use_fast_path(cfg.fast, device) else None
 
@@ -200,6 +222,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
             f"osstune: {cfg.method} on {cfg.model} ({device.type}, {str(dtype).removeprefix('torch.')}), "
             f"{n_train:,} trainable parameters; {data.summary}"
         )
+        for note in notes:
+            progress.message(f"osstune: {note}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
