@@ -65,7 +65,7 @@ def model_flops(cfg, t: int) -> float:
 # ---------------------------------------------------------------------------- our worker
 
 
-def build_ours(preset: str, targets: str, policy: str, device: str, method: str = "lora"):
+def build_ours(preset: str, targets: str, policy: str, device: str, method: str = "lora", memory: dict | None = None):
     import torch
 
     from osstune.config import PRESETS
@@ -96,8 +96,21 @@ def build_ours(preset: str, targets: str, policy: str, device: str, method: str 
             elif name.endswith("_scales"):
                 b.copy_(torch.randint(118, 125, b.shape, generator=gen, device=device, dtype=torch.uint8))
     model.model.rotary = Rotary(cfg).to(device)  # a non-persistent buffer: computed, not initialised
+    memory = memory or {}
+    if memory.get("attention") == "mxfp4":  # as the trainer does it: before LoRA wraps the projections
+        from osstune.quant.linear import quantize_attention
+
+        quantize_attention(model)
     apply_lora(model, LoraConfig(r=8, alpha=16, targets=targets), seed=0)
     model.gradient_checkpointing = policy != "none"
+    if memory.get("embedding") == "cpu":
+        from osstune.offload import offload_embedding
+
+        offload_embedding(model, device)
+    if memory.get("activations") == "cpu":
+        from osstune.offload import offload_activations
+
+        offload_activations(model)
     if device == "cuda":
         enable_fast_path(model, FastPathOptions(checkpoint="layer" if policy == "none" else policy))
     return model.train(), cfg
@@ -114,13 +127,16 @@ def run_ours(spec: dict) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    model, cfg = build_ours(spec["preset"], spec["targets"], spec["checkpoint"], device, spec.get("method", "lora"))
+    memory = spec.get("memory") or {}
+    model, cfg = build_ours(spec["preset"], spec["targets"], spec["checkpoint"], device, spec.get("method", "lora"), memory)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     init_s = time.perf_counter() - t0
     weights_gib = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
+    if device == "cuda":  # the peak of the training steps, as the trainer reports it (not of the set-up)
+        torch.cuda.reset_peak_memory_stats()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = MasterAdamW(trainable, OptimConfig(lr=1e-4))
+    opt = MasterAdamW(trainable, OptimConfig(lr=1e-4), offload=memory.get("optimizer") == "cpu")
     seq = spec["seq"]
     gen = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, min(VOCAB_SAMPLE, cfg.vocab_size), (1, seq + 1), device=device, generator=gen)
@@ -143,7 +159,7 @@ def run_ours(spec: dict) -> dict:
         return loss, host
 
     warmup = spec["warmup"]
-    if spec.get("graph"):  # the trainer's graphed micro-step, fed host tensors as the trainer does
+    if spec.get("graph") and memory.get("activations") != "cpu":  # host copies cannot be graphed  # the trainer's graphed micro-step, fed host tensors as the trainer does
         from osstune.fast import GraphedStep
 
         graphed = GraphedStep(model, cross_entropy_sum)
@@ -209,6 +225,7 @@ def _summary(spec: dict, cfg, times: list[float], init_s: float, loss, device: s
     med = sorted(measured)[len(measured) // 2]
     tokens = spec["seq"]
     r = dict(name=spec["name"], impl=spec["impl"], method=spec.get("method", "lora"), seq=tokens, targets=spec["targets"], checkpoint=spec["checkpoint"],
+             memory=spec.get("memory") or {},
              graph=bool(spec.get("graph")),
              step_s=round(med, 4), tok_s=round(tokens / med), first_step_s=round(times[0], 1), init_s=round(init_s, 1),
              steps=[round(t, 4) for t in measured], loss=round(float(loss), 4))
@@ -298,13 +315,47 @@ def launch(spec: dict, out: Path, timeout: float) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def longest(spec: dict, start: int, limit: int, out: Path, timeout: float) -> dict:
+    """Double the sequence from `start` while one step fits, then bisect to a multiple of 4,096.
+    A trial fails on CUDA out-of-memory; any other error stops the search."""
+    step = 4096
+    fits, fails, trials = None, None, []
+
+    def trial(seq: int) -> bool:
+        r = launch(dict(spec, name=f"longest_{seq}", seq=seq), out, timeout)
+        trials.append({k: r.get(k) for k in ("seq", "step_s", "tok_s", "peak_alloc_gib", "peak_reserved_gib", "error")})
+        print(json.dumps(trials[-1]), flush=True)
+        if "error" in r and "OutOfMemory" not in r["error"] and "out of memory" not in r["error"]:
+            raise SystemExit(f"seq {seq}: {r['error']}")
+        return "error" not in r
+
+    seq = start
+    while seq <= limit:
+        if not trial(seq):
+            fails = seq
+            break
+        fits, seq = seq, seq * 2
+    if fits is not None and fails is not None:
+        while fails - fits > step:
+            mid = (fits + fails) // 2 // step * step
+            if trial(mid):
+                fits = mid
+            else:
+                fails = mid
+    return dict(longest_fitting=fits, first_failing=fails, limit=limit, method=spec["method"], targets=spec["targets"],
+                memory=spec["memory"], trials=trials)
+
+
 def _variant(r: dict) -> str:
     method = "qlora " if r.get("method") == "qlora" else ""
-    return method + r["checkpoint"] + ("+graph" if r.get("graph") else "")
+    mem = r.get("memory") or {}
+    moved = [k for k in ("embedding", "optimizer", "activations") if mem.get(k) == "cpu"]
+    extra = (" cpu:" + ",".join(moved) if moved else "") + (" attn-mxfp4" if mem.get("attention") == "mxfp4" else "")
+    return method + r["checkpoint"] + ("+graph" if r.get("graph") else "") + extra
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'impl':5s} {'seq':>5s} {'LoRA':9s} {'ckpt':23s} {'step s':>7s} {'tok/s':>7s} {'peak GiB':>8s} {'MFU':>6s} {'vs HF':>6s} {'mem/HF':>6s}"
+    head = f"{'impl':5s} {'seq':>5s} {'LoRA':9s} {'ckpt':23s} {'step s':>7s} {'tok/s':>7s} {'peak GiB':>8s} {'rsvd GiB':>8s} {'MFU':>6s} {'vs HF':>6s} {'mem/HF':>6s}"
     lines = [head]
     hf = {(r["seq"], r["targets"]): r for r in rows if r["impl"] == "hf" and "error" not in r}
     for r in rows:
@@ -315,7 +366,8 @@ def table(rows: list[dict]) -> str:
         ratio = f"{r['tok_s'] / base['tok_s']:6.2f}" if base and r["impl"] != "hf" else "     -"
         mem = f"{r['peak_alloc_gib'] / base['peak_alloc_gib']:6.2f}" if base and r["impl"] != "hf" else "     -"
         lines.append(f"{r['impl']:5s} {r['seq']:5d} {r['targets']:9s} {_variant(r):23s} {r['step_s']:7.3f} "
-                     f"{r['tok_s']:7d} {r.get('peak_alloc_gib', float('nan')):8.2f} {100 * r['mfu']:5.1f}% {ratio} {mem}")
+                     f"{r['tok_s']:7d} {r.get('peak_alloc_gib', float('nan')):8.2f} {r.get('peak_reserved_gib', float('nan')):8.2f} "
+                     f"{100 * r['mfu']:5.1f}% {ratio} {mem}")
     return "\n".join(lines)
 
 
@@ -331,6 +383,15 @@ def main() -> None:
                          "runs on a GPU) and/or eager")
     ap.add_argument("--method", nargs="+", default=["lora"], choices=["lora", "qlora"],
                     help="lora: bf16 experts; qlora: experts kept packed MXFP4 (ours only)")
+    ap.add_argument("--embedding", choices=["gpu", "cpu"], default="gpu", help="memory.embedding (ours)")
+    ap.add_argument("--optimizer", choices=["gpu", "cpu"], default="gpu", help="memory.optimizer (ours)")
+    ap.add_argument("--activations", choices=["gpu", "cpu"], default="gpu",
+                    help="memory.activations (ours; the step then runs eagerly)")
+    ap.add_argument("--attention-weights", choices=["bf16", "mxfp4"], default="bf16",
+                    help="qlora only: frozen attention projections stored as MXFP4 (lossy, opt-in)")
+    ap.add_argument("--longest", type=int, metavar="MAX_TOKENS",
+                    help="instead of timing: the longest sequence (multiple of 4,096, up to MAX_TOKENS) for which one "
+                         "step of our first configuration fits, by doubling from --seq and then bisecting")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="profile one step of our first configuration")
@@ -345,6 +406,13 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    memory = dict(embedding=args.embedding, optimizer=args.optimizer, activations=args.activations,
+                  attention=args.attention_weights)
+    if args.longest:
+        spec = dict(impl="ours", method=args.method[0], targets=args.targets[0], checkpoint=args.checkpoint[0],
+                    graph=False, steps=1, warmup=0, preset=args.preset, device=args.device, out=str(out), memory=memory)
+        print(json.dumps(longest(spec, args.seq[0], args.longest, out, args.timeout)), flush=True)
+        return
     rows, profiled = [], False
     for seq in args.seq:
         for targets in args.targets:
@@ -355,7 +423,8 @@ def main() -> None:
                     name = f"{impl}_{seq}_{targets}_{policy}" + ("_graph" if graph else "") + ("_qlora" if method == "qlora" else "")
                     spec = dict(name=name, impl=impl, method=method, seq=seq, targets=targets, checkpoint=policy, graph=graph,
                                 steps=args.steps, warmup=args.warmup, preset=args.preset, device=args.device,
-                                out=str(out), profile=args.profile and impl == "ours" and not graph and not profiled)
+                                out=str(out), profile=args.profile and impl == "ours" and not graph and not profiled,
+                                memory=memory if impl == "ours" else {})
                     profiled |= spec["profile"]
                     r = launch(spec, out, args.timeout)
                     rows.append(r)
