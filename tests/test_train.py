@@ -1,5 +1,6 @@
 """The trainer on CPU: learning, exact resume, accumulation, failures that keep data safe."""
 
+import dataclasses
 import json
 import math
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from osstune.train import trainer as trainer_mod
-from osstune.train.config import DataConfig, OptimConfig, TrainConfig
+from osstune.train.config import DataConfig, MemoryConfig, OptimConfig, TrainConfig
 from osstune.train.state import ResumeError, latest_checkpoint, load_checkpoint
 from osstune.lora import LoraConfig
 
@@ -230,3 +231,19 @@ def test_qlora_on_a_bf16_checkpoint_is_refused_before_compute(base, data, tmp_pa
     monkeypatch.setattr(trainer_mod, "_prepare_model", lambda *a: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match="stores bf16 experts"):
         trainer_mod.train(_cfg(base, data, tmp_path / "run", method="qlora"))
+
+
+def test_checkpoint_policy_reaches_the_fast_path():
+    cfg = TrainConfig(model="tiny", fast="always", device="cpu", checkpoint_policy="keep_expert_gemms",
+                      lora=LoraConfig(r=8, alpha=16, targets="all"))
+    model = trainer_mod._prepare_model(cfg, torch.device("cpu"), torch.float32)
+    assert "context_fn" in model.checkpoint_options  # the selective policy, not plain layer recomputation
+    plain = trainer_mod._prepare_model(dataclasses.replace(cfg, checkpoint_policy="layer"), torch.device("cpu"), torch.float32)
+    assert plain.checkpoint_options == {}
+
+
+@pytest.mark.parametrize("change", [dict(fast="never"), dict(gradient_checkpointing=False),
+                                    dict(memory=MemoryConfig(activations="cpu"))])
+def test_keep_expert_gemms_needs_the_fast_checkpoint(change):
+    with pytest.raises(ValueError, match="checkpoint_policy='keep_expert_gemms'"):
+        TrainConfig(checkpoint_policy="keep_expert_gemms", **change)

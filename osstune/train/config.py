@@ -79,6 +79,11 @@ class TrainConfig:
     micro_batch: int = 1
     grad_accum: int = 1
     gradient_checkpointing: bool = True
+    # What the checkpoint keeps on the fast path: "layer" recomputes each decoder layer in the
+    # backward (least memory); "keep_expert_gemms" keeps the outputs of the base expert GEMMs (bf16
+    # or MXFP4) and recomputes the rest: +11-15% tokens/s for ~3.2 GiB more at 2,048 tokens on
+    # gpt-oss-20b (docs/PERFORMANCE.md).
+    checkpoint_policy: Literal["layer", "keep_expert_gemms"] = "layer"
     # Attention and experts through osstune's kernels (osstune/fast.py): "auto" = on a CUDA GPU,
     # "always" (also on the CPU, slow: for tests), "never" (the reference model). Not on/off:
     # YAML reads those as booleans.
@@ -113,6 +118,16 @@ class TrainConfig:
                 f"attention_weights='mxfp4' stores frozen attention weights in 4 bits, which only method 'qlora' "
                 f"trains on; method is {self.method!r}. Use --method qlora or attention_weights='bf16'"
             )
+        if self.checkpoint_policy not in ("layer", "keep_expert_gemms"):
+            raise ValueError(f"checkpoint_policy={self.checkpoint_policy!r}; use 'layer' or 'keep_expert_gemms'")
+        if self.checkpoint_policy == "keep_expert_gemms" and (
+            not self.gradient_checkpointing or self.fast == "never" or self.memory.activations == "cpu"
+        ):
+            raise ValueError(
+                "checkpoint_policy='keep_expert_gemms' selects what the fast path's gradient checkpointing keeps; it "
+                "needs gradient_checkpointing on, fast not 'never', and memory.activations='gpu' (layer inputs in host "
+                "memory are recomputed whole). Use checkpoint_policy='layer' otherwise"
+            )
         if self.memory.activations == "cpu" and not self.gradient_checkpointing:
             raise ValueError(
                 "memory.activations='cpu' moves the layer inputs that gradient checkpointing keeps; "
@@ -132,6 +147,6 @@ class TrainConfig:
 # Fields that may differ when a run is resumed (they do not change what was computed so far).
 # "memory" itself: checkpoints written before that section existed have none.
 RESUMABLE_CHANGES = frozenset({
-    "steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "device", "fast",
+    "steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "device", "fast", "checkpoint_policy",
     "memory", "memory.embedding", "memory.optimizer", "memory.activations",
 })  # fmt: skip

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from osstune.fast import enable_fast_path, graphed_step, use_fast_path
+from osstune.fast import FastPathOptions, enable_fast_path, graphed_step, use_fast_path
 from osstune.offload import HostEmbedding, offload_activations, offload_embedding
 from osstune.train import state as ckpt
 from osstune.train.batches import Batch, build_data
@@ -133,7 +133,7 @@ def _prepare_model(
     if cfg.memory.activations == "cpu":
         offload_activations(model)
     if use_fast_path(cfg.fast, device):
-        enable_fast_path(model)
+        enable_fast_path(model, FastPathOptions(checkpoint=cfg.checkpoint_policy))
     return model
 
 
