@@ -32,7 +32,11 @@ from osstune.kernels._backend import triton_usable
 # the rows that fit in this budget (384 at that vocabulary): at 2,048 rows a single chunk would
 # hold 2.3 GiB, a sixth of a QLoRA run's whole memory. Smaller chunks re-read the weight more often
 # (1.16 GB a chunk, forward and gradient), which costs little next to the chunk's GEMMs.
+# With a trained weight every chunk also reads and writes the float32 (V, H) gradient buffer (4.6
+# GB of traffic, ~1.4 ms on an H100), so small chunks cost more than they save: 384 rows took 1.65x
+# the time of 2,048 there (docs/KERNELS.md); such a chunk is 2,048 rows.
 CHUNK_BUDGET = 512 * 2**20
+TRAINED_WEIGHT_CHUNK = 2048
 
 
 def default_chunk_rows(vocab: int, budget: int = CHUNK_BUDGET) -> int:
@@ -66,9 +70,11 @@ def chunked_cross_entropy_sum(
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses (float32 scalar, differentiable), number of non-ignored tokens (int64 scalar)).
-    chunk_size: rows per chunk; default `default_chunk_rows(V)`."""
+    chunk_size: rows per chunk; default `default_chunk_rows(V)`, or TRAINED_WEIGHT_CHUNK when the weight
+    gets a gradient."""
     if chunk_size is None:
-        chunk_size = default_chunk_rows(weight.shape[0])
+        trained = torch.is_grad_enabled() and weight.requires_grad
+        chunk_size = TRAINED_WEIGHT_CHUNK if trained else default_chunk_rows(weight.shape[0])
     _check_inputs(hidden, weight, labels, chunk_size)
     valid = labels != ignore_index
     # Checked on the device, without a host sync: a bad label stops the next kernel with this message.
