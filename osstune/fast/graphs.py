@@ -178,8 +178,9 @@ class GraphedStep:
         self.model.checkpoint_options = dict(options, preserve_rng_state=False)
         torch.cuda.synchronize()
         # The eager warm-up steps left their activations' blocks cached for the side stream; the graph
-        # allocates from a private pool of its own, so those blocks would stay reserved beside it
-        # (2.6 GiB at 2,048 tokens for the 20b's QLoRA step) and nothing would ever use them again.
+        # allocates from a private pool of its own, so those blocks would stay reserved beside it for
+        # the rest of the run with nothing to use them. (The peak reserved figure is set during the
+        # warm-up and does not change: docs/PERFORMANCE.md, QLoRA.)
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         try:
