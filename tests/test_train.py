@@ -180,46 +180,34 @@ def test_schedule_warmup_then_cosine_to_the_floor():
     assert mid == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
 
 
-def test_qlora_trains_lora_over_packed_mxfp4_experts(data, tmp_path, monkeypatch):
+def _train_qlora(data, tmp_path, monkeypatch, **kw):
+    """A short QLoRA run on a tiny MXFP4 checkpoint -> (result, the model the trainer prepared)."""
     from osstune.create import create_checkpoint
-    from osstune.model import MXFP4Experts
 
     packed = create_checkpoint("tiny", tmp_path / "mxfp4", mxfp4=True, seed=1)
-    seen = {}
+    seen = []
     real = trainer_mod._prepare_model
-
-    def spy(*args, **kwargs):
-        model = real(*args, **kwargs)
-        seen["experts"] = [layer.mlp.experts.base_layer for layer in model.model.layers]
-        return model
-
-    monkeypatch.setattr(trainer_mod, "_prepare_model", spy)
-    result = trainer_mod.train(_cfg(packed, data, tmp_path / "run", method="qlora", steps=3), quiet=True)
+    monkeypatch.setattr(trainer_mod, "_prepare_model", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    result = trainer_mod.train(_cfg(packed, data, tmp_path / "run", method="qlora", **kw))
     assert all(math.isfinite(x) for x in result.losses)
-    assert all(isinstance(e, MXFP4Experts) and e.gate_up_proj_blocks.dtype == torch.uint8 for e in seen["experts"])
     assert (result.artifact / "adapter_model.safetensors").is_file()
+    return result, seen[0]
+
+
+def test_qlora_trains_lora_over_packed_mxfp4_experts(data, tmp_path, monkeypatch):
+    from osstune.model import MXFP4Experts
+
+    _, model = _train_qlora(data, tmp_path, monkeypatch, steps=3)
+    experts = [layer.mlp.experts.base_layer for layer in model.model.layers]
+    assert all(isinstance(e, MXFP4Experts) and e.gate_up_proj_blocks.dtype == torch.uint8 for e in experts)
 
 
 def test_qlora_with_mxfp4_attention_reports_the_error_and_trains(data, tmp_path, monkeypatch, capsys):
-    from osstune.create import create_checkpoint
     from osstune.quant.linear import MXFP4Linear
 
-    packed = create_checkpoint("tiny", tmp_path / "mxfp4", mxfp4=True, seed=2)
-    seen = {}
-    real = trainer_mod._prepare_model
-
-    def spy(*args, **kwargs):
-        model = real(*args, **kwargs)
-        seen["q"] = [layer.self_attn.q_proj.base_layer for layer in model.model.layers]
-        return model
-
-    monkeypatch.setattr(trainer_mod, "_prepare_model", spy)
-    cfg = _cfg(packed, data, tmp_path / "run", method="qlora", steps=2, attention_weights="mxfp4")
-    result = trainer_mod.train(cfg)
-    assert all(isinstance(q, MXFP4Linear) for q in seen["q"])
-    assert all(math.isfinite(x) for x in result.losses)
+    _, model = _train_qlora(data, tmp_path, monkeypatch, steps=2, attention_weights="mxfp4")
+    assert all(isinstance(layer.self_attn.q_proj.base_layer, MXFP4Linear) for layer in model.model.layers)
     assert "attention projections stored as MXFP4 (lossy)" in capsys.readouterr().err
-    assert (result.artifact / "adapter_model.safetensors").is_file()
 
 
 def test_mxfp4_attention_needs_qlora():
