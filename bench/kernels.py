@@ -359,6 +359,34 @@ def run_mxfp4(seqs, sweep: bool) -> None:
         torch.cuda.empty_cache()
 
 
+def run_mxfp4_attention(seqs) -> None:
+    """The frozen attention projections stored as MXFP4 (`attention_weights: mxfp4`): one group each,
+    forward and input gradient, default tiles and a few smaller ones, against bf16 matmuls."""
+    from osstune.kernels.mxfp4_gemm import MXFP4Tiles, mxfp4_grouped_mm, mxfp4_grouped_mm_t
+    from osstune.quant.mxfp4 import quantize_mxfp4
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    candidates = [None, MXFP4Tiles(64, 64, 64, 4, 3), MXFP4Tiles(64, 128, 64, 4, 3), MXFP4Tiles(128, 64, 64, 4, 3),
+                  MXFP4Tiles(64, 64, 128, 4, 2)]
+    for n in seqs:
+        offs = torch.full((1,), n, dtype=torch.int32, device="cuda")
+        for proj, (out_f, in_f) in (("q", (N_Q * D, H)), ("k/v", (N_KV * D, H)), ("o", (H, N_Q * D))):
+            w = torch.randn(1, out_f, in_f, generator=g, device="cuda") * 0.02
+            blocks, scales = quantize_mxfp4(w)
+            dense = w[0].to(torch.bfloat16)
+            x = torch.randn(n, in_f, generator=g, device="cuda", dtype=torch.bfloat16)
+            dy = torch.randn(n, out_f, generator=g, device="cuda", dtype=torch.bfloat16)
+            flops = 2 * n * out_f * in_f
+            for kind, fn, a, base in (("fwd", mxfp4_grouped_mm, x, lambda: x @ dense.t()),
+                                      ("dgrad", mxfp4_grouped_mm_t, dy, lambda: dy @ dense)):
+                name = f"attn {proj} {kind}"
+                record("mxfp4", f"bf16 matmul {name}", f"N={n}", bench(base), flops, None, None)
+                for tiles in candidates:
+                    label = "default" if tiles is None else f"{tiles.block_m}x{tiles.block_n}x{tiles.block_k} w{tiles.num_warps} s{tiles.num_stages}"
+                    ms = bench(lambda t=tiles: fn(a, blocks, scales, offs, t))
+                    record("mxfp4", f"{name} {label}", f"N={n}", ms, flops, f"bf16 matmul {name}", None)
+
+
 def triton_bench_fast(fn) -> float:
     import triton.testing
 
@@ -413,7 +441,7 @@ def print_table() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["attention", "moe", "mxfp4", "ce"], action="append")
+    parser.add_argument("--only", choices=["attention", "moe", "mxfp4", "mxfp4-attention", "ce"], action="append")
     parser.add_argument("--seqs", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--sweep", action="store_true", help="also sweep attention and MXFP4 GEMM tile shapes")
     parser.add_argument("--profile", action="store_true", help="print kernel-time breakdowns (MoE with LoRA, attention)")
@@ -424,10 +452,11 @@ def main() -> None:
 
     print(f"{time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()} torch {torch.__version__} "
           f"triton {triton.__version__}", flush=True)
-    only = args.only or ["attention", "moe", "mxfp4", "ce"]
+    only = args.only or ["attention", "moe", "mxfp4", "mxfp4-attention", "ce"]
     t0 = time.time()
     for part, fn in (("attention", lambda: run_attention(args.seqs, args.sweep, args.profile)), ("moe", lambda: run_moe(args.seqs, args.profile)),
                      ("mxfp4", lambda: run_mxfp4(args.seqs, args.sweep)),
+                     ("mxfp4-attention", lambda: run_mxfp4_attention(args.seqs)),
                      ("ce", lambda: run_ce(args.seqs))):
         if part in only:
             fn()

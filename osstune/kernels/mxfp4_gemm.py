@@ -59,6 +59,10 @@ class MXFP4Tiles:
 # share each decoded weight tile, which keeps the decode's ALU work near the MMA time.
 FORWARD_TILES = MXFP4Tiles(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3)
 BACKWARD_TILES = MXFP4Tiles(block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=2)
+# One group (a frozen attention projection, osstune.quant.linear), both directions: over q/k/v/o of
+# gpt-oss-20b at 2,048 tokens 13% faster than the expert tiles, the same at 8,192
+# (`python bench/kernels.py --only mxfp4-attention`, docs/QLORA.md).
+ONE_GROUP_TILES = MXFP4Tiles(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3)
 # float32 inputs take a float32 FMA product (tests, CPU interpreter): small tiles, or registers spill.
 FLOAT32_TILES = MXFP4Tiles(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=2)
 _DTYPES = (torch.bfloat16, torch.float32)
@@ -73,7 +77,7 @@ def mxfp4_grouped_mm(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor
     _check(x, blocks, scales, offs, "x", transpose=False)
     if not _use_triton(x):
         return mxfp4_grouped_mm_ref(x, blocks, scales, offs)
-    return _launch(x, blocks, scales, offs, tiles or _default_tiles(x, FORWARD_TILES), transpose=False)
+    return _launch(x, blocks, scales, offs, tiles or _default_tiles(x, blocks, FORWARD_TILES), transpose=False)
 
 
 def mxfp4_grouped_mm_t(dy: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor,
@@ -83,7 +87,7 @@ def mxfp4_grouped_mm_t(dy: torch.Tensor, blocks: torch.Tensor, scales: torch.Ten
     _check(dy, blocks, scales, offs, "dy", transpose=True)
     if not _use_triton(dy):
         return mxfp4_grouped_mm_t_ref(dy, blocks, scales, offs)
-    return _launch(dy, blocks, scales, offs, tiles or _default_tiles(dy, BACKWARD_TILES), transpose=True)
+    return _launch(dy, blocks, scales, offs, tiles or _default_tiles(dy, blocks, BACKWARD_TILES), transpose=True)
 
 
 def mxfp4_grouped_mm_ref(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor,
@@ -140,8 +144,10 @@ def _use_triton(a: torch.Tensor) -> bool:
     return triton_usable(a) and (a.is_cuda or a.dtype == torch.float32)
 
 
-def _default_tiles(a: torch.Tensor, bf16_tiles: MXFP4Tiles) -> MXFP4Tiles:
-    return FLOAT32_TILES if a.dtype == torch.float32 else bf16_tiles
+def _default_tiles(a: torch.Tensor, blocks: torch.Tensor, bf16_tiles: MXFP4Tiles) -> MXFP4Tiles:
+    if a.dtype == torch.float32:
+        return FLOAT32_TILES
+    return ONE_GROUP_TILES if blocks.shape[0] == 1 else bf16_tiles
 
 
 def _ref_loop(a, blocks, scales, offs, product, out_cols) -> torch.Tensor:
