@@ -200,3 +200,22 @@ def test_load_streams_without_a_second_copy(tmp_path):
     grown = int(subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout)
     assert nbytes > 100e6
     assert grown < 1.15 * nbytes + 20e6, (grown, nbytes)
+
+
+def test_host_tensors_stay_on_the_host_and_keep_their_values(tmp_path):
+    from osstune.checkpoint.errors import CheckpointError
+
+    model = load_model(CFG, seed=4)
+    save_model(model, tmp_path / "c", write_tokenizer=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    loaded = load_model(tmp_path / "c", device=device, host=["model.embed_tokens.weight"])
+    table = loaded.model.embed_tokens.weight
+    assert table.device.type == "cpu" and loaded.lm_head.weight.device.type == device
+    assert torch.equal(table, model.model.embed_tokens.weight)
+    if device == "cuda":  # the table never took GPU memory, not even during the load
+        on_gpu = sum(t.numel() * t.element_size() for t in loaded.state_dict().values() if t.is_cuda)
+        assert torch.cuda.max_memory_allocated() < on_gpu + table.numel() * table.element_size()
+    with pytest.raises(CheckpointError, match="'model.embed_token' is not a tensor of this model"):
+        load_model(tmp_path / "c", host=["model.embed_token"])

@@ -77,13 +77,17 @@ class LayoutConverter:
             return torch.uint8
         return self.cast or self.source.dtype(name + "_bias")
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """device: where this tensor goes instead of the converter's device (tensors that need no
+        layout conversion only)."""
         if name in self._pending:
             return self._pending.pop(name)
         src = self._converts(name)
         if src is None:
-            x = self.source.get(name).to(self.device)
+            x = self.source.get(name).to(self.device if device is None else device)
             return x.to(self.cast) if self.cast is not None and x.is_floating_point() else x
+        if device is not None:
+            raise ValueError(f"{name} is converted between expert layouts on {self.device}; it cannot go elsewhere")
         if self.target_format == "bf16":
             blocks, scales = (self.source.get(n).to(self.device) for n in packed_names(src))
             return unpack_experts(blocks, scales, self.dtype(name))

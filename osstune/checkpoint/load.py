@@ -7,6 +7,7 @@ tensor; with a CUDA device the weights go to the GPU one tensor at a time.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ def load_model(
     device: torch.device | str | None = None,
     packed_experts: bool | None = None,
     seed: int = 0,
+    host: Collection[str] = (),
 ):
     """Load a GptOss model.
 
@@ -41,11 +43,14 @@ def load_model(
     packed_experts: None packs experts iff the checkpoint does and dtype is None. False decodes
       packed experts; True keeps them packed, or packs bf16 ones with MXFP4 (lossy).
     device: where the weights go (default CPU); they are converted there, tensor by tensor.
+    host: names of tensors that go to host memory whatever `device` says (the embedding table that
+      `osstune.offload` keeps there): they never take GPU memory, not even during the load.
+      Expert tensors cannot be among them.
     """
     if isinstance(path_or_preset, str) and path_or_preset in PRESETS:
         path_or_preset = PRESETS[path_or_preset]
     if isinstance(path_or_preset, ModelConfig):
-        return _build(RandomSource(path_or_preset, seed), path_or_preset, dtype, device, packed_experts)
+        return _build(RandomSource(path_or_preset, seed), path_or_preset, dtype, device, packed_experts, host)
     name = str(path_or_preset)
     if isinstance(path_or_preset, str) and "/" not in name and "\\" not in name and not Path(name).expanduser().exists():
         # gpt-oss repo ids have an owner (openai/gpt-oss-20b): a bare name is most likely a mistyped preset.
@@ -55,11 +60,11 @@ def load_model(
         )
     ckpt = open_checkpoint(resolve_checkpoint(path_or_preset))
     with CheckpointReader(ckpt) as source:
-        return _build(source, ckpt.config, dtype, device, packed_experts)
+        return _build(source, ckpt.config, dtype, device, packed_experts, host)
 
 
 @torch.no_grad()
-def _build(source: TensorSource, cfg: ModelConfig, dtype, device, packed_experts: bool | None):
+def _build(source: TensorSource, cfg: ModelConfig, dtype, device, packed_experts: bool | None, host: Collection[str]):
     from osstune.model import GptOss, Rotary
 
     device = torch.device(device or "cpu")
@@ -70,9 +75,13 @@ def _build(source: TensorSource, cfg: ModelConfig, dtype, device, packed_experts
         model = GptOss(cfg)
     names = list(tensor_specs(cfg))
     assert set(names) == set(model.state_dict()), "checkpoint layout and GptOss state dict disagree"
+    unknown = sorted(set(host) - set(names))
+    if unknown:
+        raise CheckpointError(f"load_model(host=...): {unknown[0]!r} is not a tensor of this model; names look like "
+                              f"{names[0]!r}")
     convert = LayoutConverter(source, cfg.expert_format, dtype, device)
     for name in names:
-        _assign(model, name, convert.get(name))
+        _assign(model, name, convert.get(name, "cpu" if name in host else None))
     # Non-persistent buffers are not in checkpoints: recompute them on the target device.
     model.model.rotary = Rotary(cfg).to(device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -101,16 +101,14 @@ def _prepare_model(
         cfg.method == "full" and not any(t in ("all", "experts", "mlp.experts") for t in cfg.full_targets)
     )
     packed = frozen and _stored_expert_format(cfg.model) == "mxfp4"
-    # A table meant for host memory is loaded on the host, with the rest, which then moves: loaded
-    # onto the GPU, the table would be there (first) alongside every other weight, at the peak
-    # of the load, which is what a small GPU fails on. Costs the model's size in host memory meanwhile.
-    host_first = cfg.memory.embedding == "cpu" and device.type == "cuda"
-    model = load_model(cfg.model, dtype=dtype, device="cpu" if host_first else device, packed_experts=packed)
+    # A table meant for host memory is loaded straight there: it never takes GPU memory, not even
+    # at the peak of the load, which is what a small GPU fails on.
+    host = ("model.embed_tokens.weight",) if cfg.memory.embedding == "cpu" else ()
+    model = load_model(cfg.model, dtype=dtype, device=device, packed_experts=packed, host=host)
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.memory.embedding == "cpu":  # TrainConfig refuses it for a trained table
         offload_embedding(model, device)
-    model.to(device)  # the rest; a HostEmbedding's table stays on the host
     if cfg.attention_weights == "mxfp4":  # before LoRA wraps the projections, on the training device
         from osstune.quant.linear import quantize_attention
 
