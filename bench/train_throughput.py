@@ -3,12 +3,17 @@
     PYTHONPATH=. python3 bench/train_throughput.py            # 2048 and 8192 tokens, both LoRA targets
     PYTHONPATH=. python3 bench/train_throughput.py --seq 2048 --targets all --impl ours --graph no --profile
     PYTHONPATH=. python3 bench/train_throughput.py --seq 2048 --targets all --impl ours --method lora qlora
+    PYTHONPATH=. python3 bench/train_throughput.py --method qlora --impl ours --embedding cpu --optimizer cpu --attention-weights mxfp4
+    PYTHONPATH=. python3 bench/train_throughput.py --method qlora --targets all --embedding cpu --optimizer cpu \
+        --activations cpu --seq 65536 --longest 262144      # the longest sequence that fits
 
 Random bf16 weights at the real shape (what LoRA trains after dequantizing MXFP4), LoRA r=8 alpha=16
 on q/k/v/o ("attention") or also on the experts' gate_up/down ("all"), gradient checkpointing,
 AdamW, one sequence per step. `--method qlora` (ours only): the experts stay packed MXFP4 as the
 checkpoint ships them (`expert_format="mxfp4"`, random blocks and scales 118..124 drawn on the GPU),
-trained through the MXFP4 grouped GEMMs with LoRA beside them. Every configuration runs in its own child process, so its peak
+trained through the MXFP4 grouped GEMMs with LoRA beside them. `--embedding/--optimizer/--activations cpu`
+and `--attention-weights mxfp4` are the trainer's memory options (docs/QLORA.md); peak memory is
+reported both allocated and reserved, and for ours also the weights and what stays between steps. Every configuration runs in its own child process, so its peak
 memory (torch.cuda.max_memory_allocated, model included) is its own. Each HF configuration takes
 about 1-1.5 minutes (flex attention compiles on the first step), each of ours about 30 s.
 
@@ -98,6 +103,8 @@ def build_ours(preset: str, targets: str, policy: str, device: str, method: str 
     model.model.rotary = Rotary(cfg).to(device)  # a non-persistent buffer: computed, not initialised
     memory = memory or {}
     if memory.get("attention") == "mxfp4":  # as the trainer does it: before LoRA wraps the projections
+        if method != "qlora":
+            raise ValueError("--attention-weights mxfp4 goes with --method qlora (as the trainer's attention_weights)")
         from osstune.quant.linear import quantize_attention
 
         quantize_attention(model)
@@ -159,7 +166,10 @@ def run_ours(spec: dict) -> dict:
         return loss, host
 
     warmup = spec["warmup"]
-    if spec.get("graph") and memory.get("activations") != "cpu":  # host copies cannot be graphed  # the trainer's graphed micro-step, fed host tensors as the trainer does
+    # The trainer's graphed micro-step, fed host tensors as the trainer does; layer inputs in host
+    # memory keep the step eager (a graph cannot record host copies), as in the trainer.
+    spec = dict(spec, graph=bool(spec.get("graph")) and memory.get("activations") != "cpu")
+    if spec["graph"]:
         from osstune.fast import GraphedStep
 
         graphed = GraphedStep(model, cross_entropy_sum)
