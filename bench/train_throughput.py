@@ -11,9 +11,10 @@ Random bf16 weights at the real shape (what LoRA trains after dequantizing MXFP4
 on q/k/v/o ("attention") or also on the experts' gate_up/down ("all"), gradient checkpointing,
 AdamW, one sequence per step. `--method qlora` (ours only): the experts stay packed MXFP4 as the
 checkpoint ships them (`expert_format="mxfp4"`, random blocks and scales 118..124 drawn on the GPU),
-trained through the MXFP4 grouped GEMMs with LoRA beside them. `--embedding/--optimizer/--activations cpu`
-and `--attention-weights mxfp4` are the trainer's memory options (docs/QLORA.md); peak memory is
-reported both allocated and reserved, and for ours also the weights and what stays between steps. Every configuration runs in its own child process, so its peak
+trained through the MXFP4 grouped GEMMs with LoRA beside them.
+`--embedding/--optimizer/--activations cpu` and `--attention-weights mxfp4` are the trainer's memory
+options (docs/QLORA.md); peak memory is reported both allocated and reserved, and for ours also the
+weights and what stays between steps. Every configuration runs in its own child process, so its peak
 memory (torch.cuda.max_memory_allocated, model included) is its own. Each HF configuration takes
 about 1-1.5 minutes (flex attention compiles on the first step), each of ours about 30 s.
 
