@@ -202,6 +202,19 @@ def test_qlora_trains_lora_over_packed_mxfp4_experts(data, tmp_path, monkeypatch
     assert all(isinstance(e, MXFP4Experts) and e.gate_up_proj_blocks.dtype == torch.uint8 for e in experts)
 
 
+def test_qlora_and_bf16_lora_on_the_same_mxfp4_model_give_the_same_losses(data, tmp_path):
+    # method lora decodes the packed experts into dense ones at load; qlora keeps them packed and
+    # decodes on use: the same weights, so the first steps' losses agree (float32, no dropout).
+    from osstune.create import create_checkpoint
+
+    packed = create_checkpoint("tiny", tmp_path / "mxfp4", mxfp4=True, seed=1)
+    lora = LoraConfig(r=8, alpha=16, targets="all", dropout=0.0)
+    runs = {m: trainer_mod.train(_cfg(packed, data, tmp_path / m, method=m, steps=3, lora=lora), quiet=True).losses
+            for m in ("qlora", "lora")}
+    assert runs["qlora"] == pytest.approx(runs["lora"], rel=1e-5)
+    assert runs["qlora"][-1] < runs["qlora"][0]
+
+
 def test_qlora_with_mxfp4_attention_reports_the_error_and_trains(data, tmp_path, monkeypatch, capsys):
     from osstune.quant.linear import MXFP4Linear
 
