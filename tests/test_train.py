@@ -248,3 +248,16 @@ def test_checkpoint_policy_reaches_the_fast_path():
 def test_keep_expert_gemms_needs_the_fast_checkpoint(change):
     with pytest.raises(ValueError, match="checkpoint_policy='keep_expert_gemms'"):
         TrainConfig(checkpoint_policy="keep_expert_gemms", **change)
+
+
+def test_resume_reads_a_field_the_saved_config_lacks_as_its_default():
+    from osstune.train.recipe import to_dict
+
+    cfg = TrainConfig(method="qlora")
+    older = {k: v for k, v in to_dict(cfg).items() if k != "attention_weights"}  # saved before the field existed
+    trainer_mod._check_resume(cfg, older)
+    with pytest.raises(ResumeError, match=r"attention_weights: checkpoint 'bf16', now 'mxfp4'"):
+        trainer_mod._check_resume(dataclasses.replace(cfg, attention_weights="mxfp4"), older)
+    older["optim"] = {k: v for k, v in older["optim"].items() if k != "min_lr_ratio"}
+    with pytest.raises(ResumeError, match=r"optim.min_lr_ratio: checkpoint 0.1, now 0.5"):
+        trainer_mod._check_resume(dataclasses.replace(cfg, optim=OptimConfig(min_lr_ratio=0.5)), older)

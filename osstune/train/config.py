@@ -145,8 +145,8 @@ class TrainConfig:
 
 
 # Fields that may differ when a run is resumed (they do not change what was computed so far).
-# "memory" itself: checkpoints written before that section existed have none.
+# A field missing from an older checkpoint's config counts as its default (trainer._check_resume).
 RESUMABLE_CHANGES = frozenset({
     "steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "device", "fast", "checkpoint_policy",
-    "memory", "memory.embedding", "memory.optimizer", "memory.activations",
+    "memory.embedding", "memory.optimizer", "memory.activations",
 })  # fmt: skip

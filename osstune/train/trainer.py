@@ -52,18 +52,21 @@ def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
 
 
 def _check_resume(cfg: TrainConfig, saved: dict) -> None:
-    now = to_dict(cfg)
+    """Refuse to resume with options that change what is computed. A field the checkpoint's config
+    lacks (a run saved before the field existed) counts as its default, which that run used."""
+    now, defaults = to_dict(cfg), to_dict(TrainConfig())
     diffs = []
 
-    def walk(a: dict, b: dict, prefix: str) -> None:
+    def walk(a: dict, b: dict, d: dict, prefix: str) -> None:
         for key in sorted(set(a) | set(b)):
             name = f"{prefix}{key}"
-            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-                walk(a[key], b[key], name + ".")
-            elif a.get(key) != b.get(key) and name not in RESUMABLE_CHANGES:
-                diffs.append(f"{name}: checkpoint {b.get(key)!r}, now {a.get(key)!r}")
+            old = b.get(key, d.get(key))
+            if isinstance(a.get(key), dict) and isinstance(old, dict):
+                walk(a[key], old, d.get(key) or {}, name + ".")
+            elif a.get(key) != old and name not in RESUMABLE_CHANGES:
+                diffs.append(f"{name}: checkpoint {old!r}, now {a.get(key)!r}")
 
-    walk(now, saved, "")
+    walk(now, saved, defaults, "")
     if diffs:
         raise ckpt.ResumeError(
             "cannot resume: the run in the output directory used a different config:\n  "
