@@ -336,7 +336,7 @@ def run_mxfp4(seqs, sweep: bool) -> None:
         shape = f"N={n}"
         for name, kind, a, blocks, scales, offs, dense in mxfp4_problem(n):
             fn = mxfp4_grouped_mm if kind == "fwd" else mxfp4_grouped_mm_t
-            m, flops = a.shape[0], 2 * a.shape[0] * dense.shape[1] * dense.shape[2]
+            flops = 2 * a.shape[0] * dense.shape[1] * dense.shape[2]
             record("mxfp4", f"grouped_mm bf16 {name}", shape, bench(lambda: torch._grouped_mm(a, dense, offs)), flops, None, None)
             default = FORWARD_TILES if kind == "fwd" else BACKWARD_TILES
             record("mxfp4", f"ours {name}", shape, bench(lambda: fn(a, blocks, scales, offs)), flops,
@@ -351,9 +351,7 @@ def run_mxfp4(seqs, sweep: bool) -> None:
                     continue
             timed.sort(key=lambda x: x[0])
             for ms, tiles in timed[:3]:
-                t = tiles
-                label = f"{name} {t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}" + (" swap" if t.swap else "")
-                record("mxfp4", label, shape, ms, flops, f"grouped_mm bf16 {name}", None)
+                record("mxfp4", f"{name} {_tiles_label(tiles)}", shape, ms, flops, f"grouped_mm bf16 {name}", None)
             print(f"  mxfp4 {name} {shape}: default {default} vs best of {len(timed)}", flush=True)
             del a, blocks, scales, dense
         torch.cuda.empty_cache()
@@ -382,9 +380,13 @@ def run_mxfp4_attention(seqs) -> None:
                 name = f"attn {proj} {kind}"
                 record("mxfp4", f"bf16 matmul {name}", f"N={n}", bench(base), flops, None, None)
                 for tiles in candidates:
-                    label = "default" if tiles is None else f"{tiles.block_m}x{tiles.block_n}x{tiles.block_k} w{tiles.num_warps} s{tiles.num_stages}"
+                    label = "default" if tiles is None else _tiles_label(tiles)
                     ms = bench(lambda t=tiles: fn(a, blocks, scales, offs, t))
                     record("mxfp4", f"{name} {label}", f"N={n}", ms, flops, f"bf16 matmul {name}", None)
+
+
+def _tiles_label(t) -> str:
+    return f"{t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}" + (" swap" if t.swap else "")
 
 
 def triton_bench_fast(fn) -> float:
