@@ -364,8 +364,9 @@ def run_mxfp4_attention(seqs) -> None:
     from osstune.quant.mxfp4 import quantize_mxfp4
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    candidates = [None, MXFP4Tiles(64, 64, 64, 4, 3), MXFP4Tiles(64, 128, 64, 4, 3), MXFP4Tiles(128, 64, 64, 4, 3),
-                  MXFP4Tiles(64, 64, 128, 4, 2)]
+    candidates = [None, MXFP4Tiles(64, 64, 64, 4, 3), MXFP4Tiles(128, 64, 64, 4, 3), MXFP4Tiles(128, 64, 64, 8, 3),
+                  MXFP4Tiles(128, 128, 64, 4, 3), MXFP4Tiles(128, 64, 128, 8, 3), MXFP4Tiles(128, 128, 128, 4, 2)]
+    totals: dict[tuple[int, str, str], float] = {}  # (tokens, fwd/dgrad, tiles) -> ms over q, k, v, o
     for n in seqs:
         offs = torch.full((1,), n, dtype=torch.int32, device="cuda")
         for proj, (out_f, in_f) in (("q", (N_Q * D, H)), ("k/v", (N_KV * D, H)), ("o", (H, N_Q * D))):
@@ -378,11 +379,18 @@ def run_mxfp4_attention(seqs) -> None:
             for kind, fn, a, base in (("fwd", mxfp4_grouped_mm, x, lambda: x @ dense.t()),
                                       ("dgrad", mxfp4_grouped_mm_t, dy, lambda: dy @ dense)):
                 name = f"attn {proj} {kind}"
-                record("mxfp4", f"bf16 matmul {name}", f"N={n}", bench(base), flops, None, None)
+                times = 2 if proj == "k/v" else 1
+                ms = bench(base)
+                record("mxfp4", f"bf16 matmul {name}", f"N={n}", ms, flops, None, None)
+                totals[n, kind, "bf16 matmul"] = totals.get((n, kind, "bf16 matmul"), 0.0) + times * ms
                 for tiles in candidates:
                     label = "default" if tiles is None else _tiles_label(tiles)
                     ms = bench(lambda t=tiles: fn(a, blocks, scales, offs, t))
                     record("mxfp4", f"{name} {label}", f"N={n}", ms, flops, f"bf16 matmul {name}", None)
+                    totals[n, kind, label] = totals.get((n, kind, label), 0.0) + times * ms
+    print("  q + k + v + o, ms:")
+    for (n, kind, label), ms in sorted(totals.items()):
+        print(f"    N={n} {kind:5s} {label:24s} {ms:.3f}")
 
 
 def _tiles_label(t) -> str:

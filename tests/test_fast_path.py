@@ -213,6 +213,15 @@ def test_qlora_fast_path_matches_reference_cpu(lora, policy, monkeypatch):
         assert set(fast[1]) == set(ref[1]) and all(_rel(fast[1][n], g) < 1e-4 for n, g in ref[1].items())
 
 
+def test_packed_scales_beyond_the_gemms_range_are_refused_when_enabling():
+    from osstune.kernels.mxfp4_gemm import MXFP4InputError
+
+    model = _model(CPU_CFG.replace(expert_format="mxfp4"), "cpu", torch.float32, seed=3)
+    model.model.layers[1].mlp.experts.base_layer.down_proj_scales[0, 0, 0] = 200
+    with pytest.raises(MXFP4InputError, match=r"model\.layers\.1\.mlp\.experts\.down_proj_scales: .* 200"):
+        enable_fast_path(model)
+
+
 def test_experts_lora_on_one_projection_only():
     # The kernel takes both pairs: the untargeted projection gets a zero pair, the result is unchanged.
     model = _model(CPU_CFG.replace(num_hidden_layers=2), "cpu", torch.float32, 6, LoraConfig(targets=("down_proj",)))

@@ -26,6 +26,8 @@ from osstune.kernels.mxfp4_gemm import (
     MXFP4GroupedLinear,
     MXFP4InputError,
     MXFP4Tiles,
+    PAIR_DECODE_SCALES,
+    check_scales,
     mxfp4_grouped_mm,
     mxfp4_grouped_mm_t,
 )
@@ -167,12 +169,13 @@ def test_autograd_function_cpu(use_triton, monkeypatch):
     assert _rel(x.grad, _truth(g, w, counts, transpose=True)) < TOL[torch.float32]
 
 
-def _decode_exact(device: str, dtype: torch.dtype):
+def _decode_exact(device: str, dtype: torch.dtype, lo: int, hi: int):
     """x = identity rows routed to expert 1: y = W_1^T must equal the decoded weights bit for bit, over
-    every e2m1 code and scales across the whole supported range 2..252."""
+    every e2m1 code and scales across the decoder's whole exact range lo..hi (both ends included)."""
     gen = torch.Generator().manual_seed(3)
     n, k = 64, 256
-    blocks, scales = _packed(2, n, k, gen, device, lo=2, hi=252)
+    blocks, scales = _packed(2, n, k, gen, device, lo=lo, hi=hi)
+    scales[1, 0, :2] = torch.tensor([lo, hi], dtype=torch.uint8, device=device)
     blocks[1, :16, 0] = torch.arange(256, dtype=torch.uint8, device=device).view(16, 16)  # all byte values
     offs = torch.tensor([0, k], dtype=torch.int32, device=device)
     x = torch.eye(k, dtype=dtype, device=device)
@@ -187,16 +190,26 @@ def _decode_exact(device: str, dtype: torch.dtype):
 
 def test_decode_is_exact_cpu():
     _skip_unless("cpu", True)
-    _decode_exact("cpu", torch.float32)
+    _decode_exact("cpu", torch.float32, 2, 252)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_is_exact_gpu(dtype):
-    # Also the check that the decode's subnormal float32 intermediates (codes +-0.5) survive: a
-    # flush-to-zero multiply would zero them.
+    # bf16 takes the pair decoder (inline PTX), float32 the float32 one. Also the check that the
+    # subnormal intermediates (codes +-0.5) survive: a flush-to-zero multiply would zero them.
     _skip_unless("cuda", True)
-    _decode_exact("cuda", dtype)
+    lo, hi = PAIR_DECODE_SCALES if dtype == torch.bfloat16 else (2, 252)
+    _decode_exact("cuda", dtype, lo, hi)
+
+
+def test_check_scales_names_the_tensor_above_the_range():
+    ok = torch.full((2, 4, 3), PAIR_DECODE_SCALES[1], dtype=torch.uint8)
+    check_scales(ok, "w")
+    bad = ok.clone()
+    bad[1, 2, 0] = PAIR_DECODE_SCALES[1] + 1
+    with pytest.raises(MXFP4InputError, match=r"layers\.3\.mlp\.experts\.down_proj_scales: .* 193"):
+        check_scales(bad, "layers.3.mlp.experts.down_proj_scales")
 
 
 @pytest.mark.gpu

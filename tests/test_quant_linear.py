@@ -158,6 +158,15 @@ def test_in_features_not_a_multiple_of_32_names_the_module_and_changes_nothing()
     assert not getattr(model, "quantized_attention", False)
 
 
+def test_weights_too_large_for_the_mxfp4_gemms_are_refused_before_anything_changes():
+    model = _model(cfg=CFG.replace(num_hidden_layers=2))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[0, 3] = 2.0**66
+    with pytest.raises(QuantizationError, match=r"model\.layers\.1\.self_attn\.v_proj\.weight .* below 2\*\*65"):
+        quantize_attention(model)
+    assert all(type(m) is nn.Linear for m in _projections(model).values())
+
+
 def test_quantize_attention_replaces_every_projection_and_reports_its_error():
     model = _model(seed=1)
     original = copy.deepcopy(model)

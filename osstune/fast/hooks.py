@@ -42,7 +42,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from osstune.kernels import ExpertLoRA, moe_experts, sink_flash_attention
 from osstune.kernels.moe import moe_experts_mxfp4
-from osstune.kernels.mxfp4_gemm import MXFP4GroupedLinear
+from osstune.kernels.mxfp4_gemm import MXFP4GroupedLinear, check_scales
 from osstune.lora.layers import LoRAExperts
 from osstune.model import Attention, Experts, ForwardContext, GptOss, MoE, MXFP4Experts, sink_attention
 
@@ -102,6 +102,7 @@ def enable_fast_path(model: GptOss, options: FastPathOptions = FastPathOptions()
                 if why:
                     reference.append(f"{name}.experts: {why}")
                 else:
+                    _check_packed_scales(module.experts, f"{name}.experts")
                     n_experts += 1
     model.checkpoint_options = {}
     if options.checkpoint == "keep_expert_gemms":
@@ -111,6 +112,14 @@ def enable_fast_path(model: GptOss, options: FastPathOptions = FastPathOptions()
         shown = "; ".join(reference[:3]) + (f"; and {len(reference) - 3} more" if len(reference) > 3 else "")
         warnings.warn(f"fast path: {len(reference)} module(s) stay on the reference path: {shown}", stacklevel=2)
     return FastPathSummary(n_attention, n_experts, tuple(reference))
+
+
+def _check_packed_scales(experts: nn.Module, name: str) -> None:
+    """Packed experts must fit the MXFP4 GEMMs' scale range (checked once here, not every step)."""
+    base = getattr(experts, "base_layer", experts)
+    if isinstance(base, MXFP4Experts):
+        for proj in ("gate_up_proj", "down_proj"):
+            check_scales(getattr(base, f"{proj}_scales"), f"{name}.{proj}_scales")
 
 
 def disable_fast_path(model: GptOss) -> None:

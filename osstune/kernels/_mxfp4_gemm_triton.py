@@ -1,16 +1,28 @@
 """Triton bodies of the MXFP4 grouped GEMMs (launchers and references in mxfp4_gemm.py).
 
 Weights stay packed: each program loads a (rows, BLOCK_K / 2) byte tile plus its (rows, BLOCK_K / 32)
-scales and decodes it to bf16 in registers right before the MMA; no dense copy of any expert exists.
+scales and decodes it in registers right before the MMA; no dense copy of any expert exists.
 
-Decoding, per nibble c (sign bit 3, exponent bits 2-1, mantissa bit 0) with scale byte s: move the
-sign to bit 31 and the three other bits to bits 24-22, the lowest exponent bits and the top mantissa
-bit of a float32. That float32 is exactly value(c) * 2**-126 (the codes 0 and +-0.5 land on float32
-subnormals, which is how e2m1 encodes them too), so two multiplies, by 2**126 and by
-2**(s - 127) = bitcast(s << 23), give the weight exactly; it then fits bf16 exactly. No lookup
-table, no select. Exact for 2 <= s <= 252 (outside, the weight itself is subnormal or overflows;
-checkpoints stay far inside). It relies on float32 multiplies that keep subnormal inputs: Triton
-emits `mul.f32` without `.ftz` (checked in the sm_90 PTX and SASS, see docs/QLORA.md).
+Two decoders, both exact (design notes and measurements in docs/QLORA.md):
+
+- `_decode_pairs` (bf16 inputs on CUDA: the training path). Inline PTX turns four packed bytes into
+  eight bf16 weights, two per 32-bit register: per register one byte permute, one integer multiply
+  that places the sign and the exponent/mantissa bits of both nibbles at once, one mask and one
+  bf16x2 multiply by the scale. The bits land on value(c) * 2**-126 (codes 0 and +-0.5 on bf16
+  subnormals, as e2m1 encodes them); the multiplier is 2**(s - 65), so the tile holds
+  weight * 2**-64 and the accumulator is multiplied by 2**64 at the end (powers of two: exact).
+  Exact for 66 <= s <= 192 (`PAIR_DECODE_SCALES`; the launcher's callers check the upper bound, above
+  which the multiplier overflows). About 4 instructions per weight against 9 for the float32 decoder.
+- `_decode` (float32 inputs, and Triton's CPU interpreter, which has no inline assembly). Per nibble:
+  sign to bit 31 and the other three bits to bits 24-22 of a float32, which is then exactly
+  value(c) * 2**-126; two float32 multiplies, by 2**126 and by 2**(s - 127) = bitcast(s << 23), give
+  the weight. Exact for 2 <= s <= 252. Relies on `mul.f32` without `.ftz` (checked in the sm_90 PTX).
+
+Both rely on multiplies that keep subnormal inputs; `test_decode_is_exact_gpu` checks every code.
+
+The bf16 path also loads each tile's scales one iteration ahead (a byte load is too small for
+Triton's asynchronous copies, so it would otherwise stall every iteration), and drops the masks on
+the reduction axis when it divides into whole tiles (EVEN).
 
 Grouping without a host sync: the grid is an upper bound on the row tiles (M // BLOCK_M + E + 1) and
 every program finds its expert and row range from `offs` with a vectorised prefix sum over the
@@ -69,13 +81,84 @@ def _decode(Blocks, Scales, n_idx, n_ok, k0, K, stride_bn, stride_sn,
     return tl.reshape(tl.join(lo, hi), (ROWS, COLS))  # (ROWS, COLS / 2, 2) -> k order
 
 
+# $4: four packed bytes b0..b3, $5: their scale bytes. Outputs: $0 = (low nibble of b0, of b1),
+# $1 = (low of b2, of b3), $2/$3 = the high nibbles likewise; one bf16 per half register.
+# Per output register: prmt spreads two bytes to bits 0-7 and 16-23; the multiply by 0x1040 (low
+# nibbles: << 6 and << 12) or 0x104 (high nibbles: << 2 and << 8) puts each nibble's e1 e0 m bits at
+# 8..6 and its sign at 15 of its half (the two shifted copies do not overlap, so the product is
+# their OR); the mask keeps those bits. The scale pair: prmt puts s at bits 8-15 and 24-31, >> 1
+# makes it a bf16 exponent field, + 62 per half makes it 2**(s - 65).
+_E2M1_TO_BF16X2 = tl.constexpr("""
+{
+.reg .b32 ql, qh, s, t, neg0;
+mov.b32 neg0, 0x80008000;
+and.b32 ql, $4, 0x0F0F0F0F;
+and.b32 qh, $4, 0xF0F0F0F0;
+prmt.b32 s, $5, 0, 0x1404;
+shr.b32 s, s, 1;
+add.u32 s, s, 0x1F001F00;
+prmt.b32 t, ql, 0, 0x4140;
+mul.lo.u32 t, t, 0x1040;
+and.b32 t, t, 0x81C081C0;
+fma.rn.bf16x2 $0, t, s, neg0;
+prmt.b32 t, qh, 0, 0x4140;
+mul.lo.u32 t, t, 0x104;
+and.b32 t, t, 0x81C081C0;
+fma.rn.bf16x2 $2, t, s, neg0;
+prmt.b32 s, $5, 0, 0x3424;
+shr.b32 s, s, 1;
+add.u32 s, s, 0x1F001F00;
+prmt.b32 t, ql, 0, 0x4342;
+mul.lo.u32 t, t, 0x1040;
+and.b32 t, t, 0x81C081C0;
+fma.rn.bf16x2 $1, t, s, neg0;
+prmt.b32 t, qh, 0, 0x4342;
+mul.lo.u32 t, t, 0x104;
+and.b32 t, t, 0x81C081C0;
+fma.rn.bf16x2 $3, t, s, neg0;
+}
+""")
+_TWO_POW_64 = tl.constexpr(2.0**64)  # undoes the pair decoder's 2**-64
+
+
+@triton.jit
+def _load_packed(Blocks, n_idx, n_ok, k0, K, stride_bn, COLS: tl.constexpr, EVEN_K: tl.constexpr):
+    """Bytes of rows n_idx, columns [k0, k0 + COLS) -> (ROWS, COLS / 2) u8 (masked: 0, the code +0)."""
+    byte = k0 // 2 + tl.arange(0, COLS // 2)  # a row's K / 2 bytes are contiguous: coalesced loads
+    if EVEN_K:
+        ok = n_ok[:, None]
+    else:
+        ok = n_ok[:, None] & (byte < K // 2)[None, :]
+    return tl.load(Blocks + n_idx.to(tl.int64)[:, None] * stride_bn + byte[None, :], mask=ok, other=0)
+
+
+@triton.jit
+def _load_scales(Scales, n_idx, n_ok, k0, K, stride_sn, COLS: tl.constexpr):
+    """Scale bytes of rows n_idx for columns [k0, k0 + COLS) -> (ROWS, COLS / 32) u8; past K: 0."""
+    g = k0 // 32 + tl.arange(0, COLS // 32)
+    ok = n_ok[:, None] & (g < K // 32)[None, :]
+    return tl.load(Scales + n_idx.to(tl.int64)[:, None] * stride_sn + g[None, :], mask=ok, other=0)
+
+
+@triton.jit
+def _decode_pairs(packed, sc, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """packed (ROWS, COLS / 2) u8 and their scales (ROWS, COLS / 32) u8 -> (ROWS, COLS) bf16 holding
+    weight * 2**-64 in k order (CUDA only: inline PTX)."""
+    sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (ROWS, COLS // 32, 16)), (ROWS, COLS // 2))
+    lo, hi = tl.inline_asm_elementwise(_E2M1_TO_BF16X2, "=r,=r,=r,=r,r,r", [packed, sc],
+                                       dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    return tl.reshape(tl.join(lo, hi), (ROWS, COLS))  # (ROWS, COLS / 2, 2) -> k order
+
+
 @triton.jit
 def _mxfp4_mm(X, Blocks, Scales, Offs, Y, M, N, K, E,
               stride_xm, stride_ym, stride_be, stride_bn, stride_se, stride_sn,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              E_PAD: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr):
+              E_PAD: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr,
+              PAIRS: tl.constexpr, EVEN: tl.constexpr):
     """y[m, n] = sum_k x[m, k] * W_e[n, k] for the rows m of expert e. Grid (N tiles, row tiles): the
-    N tiles of one row tile run side by side, so its x tile is read from HBM once and then from L2."""
+    N tiles of one row tile run side by side, so its x tile is read from HBM once and then from L2.
+    PAIRS: the bf16 pair decoder; EVEN: K % BLOCK_K == 0."""
     pid_n = tl.program_id(0)
     expert, row0, row_end = _tile_rows(Offs, tl.program_id(1), M, E, BLOCK_M, E_PAD)
     if row0 >= row_end:
@@ -95,12 +178,23 @@ def _mxfp4_mm(X, Blocks, Scales, Offs, Y, M, N, K, E,
     expert = tl.minimum(expert, E - 1).to(tl.int64)
     blocks = Blocks + expert * stride_be
     scales = Scales + expert * stride_se
+    if PAIRS:
+        sc_next = _load_scales(scales, cols, col_ok, 0, K, stride_sn, BLOCK_K)
     for k0 in range(0, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :],
-                    other=0.0)  # (BLOCK_M, BLOCK_K)
-        w = _decode(blocks, scales, cols, col_ok, k0, K, stride_bn, stride_sn,
-                    BLOCK_N, BLOCK_K).to(x.dtype)  # (BLOCK_N, BLOCK_K), exact in bf16
+        if EVEN:
+            x_ok = row_ok[:, None]
+        else:
+            x_ok = row_ok[:, None] & (ks < K)[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=x_ok, other=0.0)  # (BLOCK_M, BLOCK_K)
+        if PAIRS:
+            sc = sc_next
+            sc_next = _load_scales(scales, cols, col_ok, k0 + BLOCK_K, K, stride_sn, BLOCK_K)  # one step ahead
+            w = _decode_pairs(_load_packed(blocks, cols, col_ok, k0, K, stride_bn, BLOCK_K, EVEN), sc,
+                              BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K), weight * 2**-64
+        else:
+            w = _decode(blocks, scales, cols, col_ok, k0, K, stride_bn, stride_sn,
+                        BLOCK_N, BLOCK_K).to(x.dtype)  # (BLOCK_N, BLOCK_K), exact in bf16
         if SWAP:
             # The decoded tile is the left operand: Hopper's wgmma can take that one from registers.
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
@@ -110,6 +204,8 @@ def _mxfp4_mm(X, Blocks, Scales, Offs, Y, M, N, K, E,
         out = tl.trans(acc)
     else:
         out = acc
+    if PAIRS:
+        out = out * _TWO_POW_64
     tl.store(Y + rows[:, None] * stride_ym + cols[None, :], out.to(Y.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -118,10 +214,11 @@ def _mxfp4_mm(X, Blocks, Scales, Offs, Y, M, N, K, E,
 def _mxfp4_mm_t(DY, Blocks, Scales, Offs, DX, M, N, K, E,
                 stride_dym, stride_dxm, stride_be, stride_bn, stride_se, stride_sn,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                E_PAD: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr):
+                E_PAD: tl.constexpr, SWAP: tl.constexpr, PRECISION: tl.constexpr,
+                PAIRS: tl.constexpr, EVEN: tl.constexpr):
     """dx[m, k] = sum_n dy[m, n] * W_e[n, k]: the reduction runs over N, and the (BLOCK_N, BLOCK_K)
     byte tile of W_e is already the right operand's layout (no transpose of the decoded tile).
-    Grid (K tiles, row tiles)."""
+    Grid (K tiles, row tiles). PAIRS: the bf16 pair decoder; EVEN: N % BLOCK_N == 0."""
     pid_k = tl.program_id(0)
     expert, row0, row_end = _tile_rows(Offs, tl.program_id(1), M, E, BLOCK_M, E_PAD)
     if row0 >= row_end:
@@ -129,7 +226,8 @@ def _mxfp4_mm_t(DY, Blocks, Scales, Offs, DX, M, N, K, E,
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
     rows = rows.to(tl.int64)
-    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k0 = pid_k * BLOCK_K
+    ks = k0 + tl.arange(0, BLOCK_K)
     k_ok = ks < K
     if SWAP:
         acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)  # dx tile transposed
@@ -139,13 +237,24 @@ def _mxfp4_mm_t(DY, Blocks, Scales, Offs, DX, M, N, K, E,
     expert = tl.minimum(expert, E - 1).to(tl.int64)
     blocks = Blocks + expert * stride_be
     scales = Scales + expert * stride_se
+    if PAIRS:
+        sc_next = _load_scales(scales, tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_N) < N, k0, K, stride_sn, BLOCK_K)
     for n0 in range(0, n_end, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
-        n_ok = ns < N
+        if EVEN:
+            n_ok = tl.full((BLOCK_N,), 1, tl.int1)
+        else:
+            n_ok = ns < N
         dy = tl.load(DY + rows[:, None] * stride_dym + ns[None, :], mask=row_ok[:, None] & n_ok[None, :],
                      other=0.0)  # (BLOCK_M, BLOCK_N)
-        w = _decode(blocks, scales, ns, n_ok, pid_k * BLOCK_K, K, stride_bn, stride_sn,
-                    BLOCK_N, BLOCK_K).to(dy.dtype)  # (BLOCK_N, BLOCK_K), exact in bf16
+        if PAIRS:
+            sc = sc_next
+            sc_next = _load_scales(scales, ns + BLOCK_N, ns + BLOCK_N < N, k0, K, stride_sn, BLOCK_K)  # one step ahead
+            w = _decode_pairs(_load_packed(blocks, ns, n_ok, k0, K, stride_bn, BLOCK_K, False), sc,
+                              BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K), weight * 2**-64
+        else:
+            w = _decode(blocks, scales, ns, n_ok, k0, K, stride_bn, stride_sn,
+                        BLOCK_N, BLOCK_K).to(dy.dtype)  # (BLOCK_N, BLOCK_K), exact in bf16
         if SWAP:
             acc = tl.dot(tl.trans(w), tl.trans(dy), acc, input_precision=PRECISION)
         else:
@@ -154,5 +263,7 @@ def _mxfp4_mm_t(DY, Blocks, Scales, Offs, DX, M, N, K, E,
         out = tl.trans(acc)
     else:
         out = acc
+    if PAIRS:
+        out = out * _TWO_POW_64
     tl.store(DX + rows[:, None] * stride_dxm + ks[None, :], out.to(DX.dtype.element_ty),
              mask=row_ok[:, None] & k_ok[None, :])

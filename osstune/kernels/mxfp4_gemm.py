@@ -9,7 +9,10 @@ is stored output-major as the checkpoint has it: blocks (E, N, K/32, 16) uint8, 
   mxfp4_grouped_mm_t  dx = dy @ W_e    (M, N) -> (M, K)   its input gradient
 
 On CUDA the Triton kernels decode the packed weights tile by tile in registers (design notes in
-docs/QLORA.md); no dense copy of an expert stack is ever formed. Elsewhere (CPU) the `*_ref` loop
+docs/QLORA.md); no dense copy of an expert stack is ever formed. bf16 inputs take the pair decoder,
+exact for scale bytes in PAIR_DECODE_SCALES (weights of magnitude 2**-61 to 6 * 2**65): above it
+the result overflows, so whatever hands packed weights to these GEMMs on a GPU checks them once with
+`check_scales` (the fast path and `quantize_attention` do). Elsewhere (CPU) the `*_ref` loop
 runs: it decodes one expert at a time, so memory holds one expert's dense weight at most. Both
 accumulate in float32. Rows past offs[E - 1] come out as zeros.
 
@@ -54,11 +57,11 @@ class MXFP4Tiles:
                 f"MXFP4Tiles.block_k={self.block_k}: must be a multiple of 32 (one MXFP4 scale group)")
 
 
-# The best of 144 tile shapes timed on an H100 at the gpt-oss-20b expert shapes, 2,048 and 8,192
-# tokens (`python bench/kernels.py --only mxfp4 --sweep`; docs/QLORA.md has the table): 128 rows
-# share each decoded weight tile, which keeps the decode's ALU work near the MMA time.
+# The best tile shapes of the pair decoder timed on an H100 at the gpt-oss-20b expert shapes, 2,048
+# and 8,192 tokens (`python bench/kernels.py --only mxfp4 --sweep`; docs/QLORA.md has the table): 128
+# rows share each decoded weight tile, which keeps the decode's ALU work below the MMA time.
 FORWARD_TILES = MXFP4Tiles(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3)
-BACKWARD_TILES = MXFP4Tiles(block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=2)
+BACKWARD_TILES = MXFP4Tiles(block_m=128, block_n=64, block_k=128, num_warps=8, num_stages=3)
 # One group (a frozen attention projection, osstune.quant.linear), both directions: over q/k/v/o of
 # gpt-oss-20b at 2,048 tokens 13% faster than the expert tiles, the same at 8,192
 # (`python bench/kernels.py --only mxfp4-attention`, docs/QLORA.md).
@@ -66,6 +69,20 @@ ONE_GROUP_TILES = MXFP4Tiles(block_m=128, block_n=64, block_k=64, num_warps=4, n
 # float32 inputs take a float32 FMA product (tests, CPU interpreter): small tiles, or registers spill.
 FLOAT32_TILES = MXFP4Tiles(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=2)
 _DTYPES = (torch.bfloat16, torch.float32)
+# Scale bytes for which the bf16 pair decoder is exact (it multiplies by 2**(s - 65); see
+# _mxfp4_gemm_triton.py). gpt-oss checkpoints sit around 115-130.
+PAIR_DECODE_SCALES = (66, 192)
+
+
+def check_scales(scales: torch.Tensor, name: str) -> None:
+    """Raise MXFP4InputError when a scale byte is above PAIR_DECODE_SCALES (weights above 2**65, which
+    the bf16 GEMMs would turn into inf). One device sync: call once per weight, not per step."""
+    top = int(scales.max()) if scales.numel() else 0
+    if top > PAIR_DECODE_SCALES[1]:
+        raise MXFP4InputError(
+            f"{name}: an MXFP4 scale byte is {top} (a block scale of 2**{top - 127}); the MXFP4 GEMMs take "
+            f"scales up to {PAIR_DECODE_SCALES[1]} (weights up to 6 * 2**{PAIR_DECODE_SCALES[1] - 127}). Such a "
+            f"weight is almost certainly corrupt: check the checkpoint, or train on bf16 weights (--method lora).")
 
 
 def mxfp4_grouped_mm(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, offs: torch.Tensor,
@@ -178,12 +195,15 @@ def _launch(a, blocks, scales, offs, tiles: MXFP4Tiles, transpose: bool) -> torc
     # offs[E - 1]) adds at most one partial tile to the M // block_m full ones.
     row_tiles = m // tiles.block_m + n_experts + 1
     out_tiles = -(-(k if transpose else n) // (tiles.block_k if transpose else tiles.block_n))
+    # The reduction axis (N for the transpose product, K otherwise) in whole tiles: no masks on it.
+    even = n % tiles.block_n == 0 if transpose else k % tiles.block_k == 0
     body = kern._mxfp4_mm_t if transpose else kern._mxfp4_mm
     body[(out_tiles, row_tiles)](
         a, blocks, scales, offs, out, m, n, k, n_experts,
         a.stride(0), out.stride(0), blocks.stride(0), blocks.stride(1), scales.stride(0), scales.stride(1),
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         E_PAD=_next_pow2(n_experts + 1), SWAP=tiles.swap,
+        PAIRS=a.is_cuda and a.dtype == torch.bfloat16, EVEN=even,
         # float32 inputs get a float32 product (not TF32), so the float32 path matches the reference.
         PRECISION="ieee" if a.dtype == torch.float32 else None,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,

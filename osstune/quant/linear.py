@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from osstune.kernels.mxfp4_gemm import MXFP4GroupedLinear
+from osstune.kernels.mxfp4_gemm import MXFP4GroupedLinear, check_scales
 from osstune.quant.mxfp4 import BLOCK, dequantize_mxfp4, quantize_mxfp4
 
 if TYPE_CHECKING:
@@ -183,12 +183,19 @@ def quantize_attention(model: GptOss) -> AttentionQuantReport:
                     "quantize the model as loaded, before anything replaces its projections"
                 )
             _check_in_features(module.in_features, path)
+            top = float(module.weight.detach().abs().amax()) if module.weight.numel() else 0.0
+            if not top < 2.0**65:  # also NaN/inf
+                raise QuantizationError(
+                    f"quantize_attention: {path}.weight has an entry of magnitude {top:g}; the MXFP4 GEMMs "
+                    "take weights below 2**65. Check the checkpoint, or keep attention_weights: bf16"
+                )
             targets.append((path, holder, attr))  # no reference to the linear: it is freed once replaced
     errors = {}
     dense_bytes = packed_bytes = 0
     for path, holder, attr in targets:
         linear = getattr(holder, attr)
         packed = MXFP4Linear.from_linear(linear, name=path)
+        check_scales(packed.weight_scales, f"{path}.weight")
         w = linear.weight.float()
         errors[path] = ((packed.decoded_weight(torch.float32) - w).norm() / w.norm().clamp_min(1e-30)).item()
         dense_bytes += linear.weight.numel() * linear.weight.element_size()
