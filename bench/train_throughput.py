@@ -144,7 +144,8 @@ def run_ours(spec: dict) -> dict:
     if device == "cuda":  # the peak of the training steps, as the trainer reports it (not of the set-up)
         torch.cuda.reset_peak_memory_stats()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = MasterAdamW(trainable, OptimConfig(lr=1e-4), offload=memory.get("optimizer") == "cpu")
+    opt = MasterAdamW(trainable, OptimConfig(lr=1e-4, moments=memory.get("moments", "float32")),
+                      offload=memory.get("optimizer") == "cpu")
     seq = spec["seq"]
     gen = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(0, min(VOCAB_SAMPLE, cfg.vocab_size), (1, seq + 1), device=device, generator=gen)
@@ -398,6 +399,8 @@ def main() -> None:
     ap.add_argument("--optimizer", choices=["gpu", "cpu"], default="gpu", help="memory.optimizer (ours)")
     ap.add_argument("--activations", choices=["gpu", "cpu"], default="gpu",
                     help="memory.activations (ours; the step then runs eagerly)")
+    ap.add_argument("--moments", choices=["float32", "int8"], default="float32",
+                    help="optim.moments (ours): AdamW's moments in float32 or block-wise 8 bits")
     ap.add_argument("--attention-weights", choices=["bf16", "mxfp4"], default="bf16",
                     help="qlora only: frozen attention projections stored as MXFP4 (lossy, opt-in)")
     ap.add_argument("--longest", type=int, metavar="MAX_TOKENS",
@@ -418,7 +421,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     memory = dict(embedding=args.embedding, optimizer=args.optimizer, activations=args.activations,
-                  attention=args.attention_weights)
+                  attention=args.attention_weights, moments=args.moments)
     if args.longest:
         spec = dict(impl="ours", method=args.method[0], targets=args.targets[0], checkpoint=args.checkpoint[0],
                     graph=False, steps=1, warmup=0, preset=args.preset, device=args.device, out=str(out), memory=memory)

@@ -35,6 +35,16 @@ class OptimConfig:
     # The schedule decays to lr * min_lr_ratio at the last step.
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
+    # AdamW's two moments: "float32" (8 bytes a trainable value), or "int8": block-wise 8-bit codes,
+    # one float32 absmax per 256 values (about 2 bytes a value; 0.69 -> 0.18 GiB for LoRA r=8 on
+    # attention + experts of gpt-oss-20b). Lossy: each step re-rounds the moments to the nearest of
+    # 256 levels (Dettmers et al. 2022). Tensors under 4,096 values keep float32 moments
+    # (osstune/train/adam8.py, osstune/train/optim.py).
+    moments: Literal["float32", "int8"] = "float32"
+
+    def __post_init__(self) -> None:
+        if self.moments not in ("float32", "int8"):
+            raise ValueError(f"optim.moments={self.moments!r}; use 'float32' or 'int8'")
 
 
 @dataclass(frozen=True)
