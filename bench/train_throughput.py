@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -314,8 +315,14 @@ def worker(spec: dict) -> None:
 def launch(spec: dict, out: Path, timeout: float) -> dict:
     log = out / f"{spec['name']}.log"
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    env = dict(os.environ)
+    if spec["impl"] == "ours":  # the allocator setting `osstune train` starts with
+        from osstune.cli import CUDA_ALLOC_CONF
+
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOC_CONF)
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                              env=env)
         text = proc.stdout
     except subprocess.TimeoutExpired as e:
         text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
