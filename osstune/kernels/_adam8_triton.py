@@ -41,7 +41,9 @@ def _adamw8_blocks(
     g_ptr = grad_addr.to(tl.pointer_type(tl.float32))
     lanes = tl.arange(0, BLOCK)
     offs = (pid - tl.load(FirstBlock + t)) * BLOCK + lanes  # int64: positions in the tensor
-    in_tensor = (offs < tl.load(Numel + t)) & live
+    # A tensor without a gradient has no live lanes (a bound of 0, not `& live`: Triton 3.9's CPU
+    # interpreter makes int64 of a tensor-and-scalar `&`, which its masked load refuses).
+    in_tensor = offs < tl.where(live, tl.load(Numel + t), 0)
     w = tl.load(w_ptr + offs, mask=in_tensor, other=0.0)
     g = tl.load(g_ptr + offs, mask=in_tensor, other=0.0)
 
@@ -67,7 +69,7 @@ def _adamw8_blocks(
     # A positive second moment never rounds to 0: that would divide its first moment by eps alone
     # (the zero-point problem of Li et al. 2023, "Memory Efficient Optimizers with 4-bit States").
     v_code = tl.where((v > 0) & (v_code == 0), 1, v_code)
-    keep = (lanes < BLOCK) & live
+    keep = lanes < tl.where(live, BLOCK, 0)  # (see in_tensor)
     tl.store(MCodes + codes, (m_code - 128).to(tl.int8), mask=keep)
     tl.store(VCodes + codes, v_code.to(tl.uint8), mask=keep)
     tl.store(MAbsmax + pid, m_absmax, mask=live)
