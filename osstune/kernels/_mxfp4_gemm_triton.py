@@ -58,18 +58,31 @@ def _tile_rows(Offs, tile, M, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
 
 
 @triton.jit
-def _decode(Blocks, Scales, n_idx, n_ok, k0, K, stride_bn, stride_sn,
-            ROWS: tl.constexpr, COLS: tl.constexpr):
-    """Rows n_idx (ROWS,) of one expert, columns [k0, k0 + COLS) -> (ROWS, COLS) float32 holding
-    bf16-exact weights; k0 is a multiple of 32. Masked rows and columns decode to 0."""
+def _load_packed(Blocks, n_idx, n_ok, k0, K, stride_bn, COLS: tl.constexpr, EVEN_K: tl.constexpr):
+    """Bytes of rows n_idx, columns [k0, k0 + COLS) -> (ROWS, COLS / 2) u8 (masked: 0, the code +0)."""
     byte = k0 // 2 + tl.arange(0, COLS // 2)  # a row's K / 2 bytes are contiguous: coalesced loads
-    ok = n_ok[:, None] & (byte < K // 2)[None, :]  # (ROWS, COLS / 2)
-    n = n_idx.to(tl.int64)
-    packed = tl.load(Blocks + n[:, None] * stride_bn + byte[None, :], mask=ok, other=0).to(tl.int32)
-    # One scale per 32 values: load (ROWS, COLS / 32) and broadcast over the 16 bytes of each group
-    # (a per-byte gather of the scale costs 16x the load instructions).
+    if EVEN_K:
+        ok = n_ok[:, None]
+    else:
+        ok = n_ok[:, None] & (byte < K // 2)[None, :]
+    return tl.load(Blocks + n_idx.to(tl.int64)[:, None] * stride_bn + byte[None, :], mask=ok, other=0)
+
+
+@triton.jit
+def _load_scales(Scales, n_idx, n_ok, k0, K, stride_sn, COLS: tl.constexpr):
+    """Scale bytes of rows n_idx for columns [k0, k0 + COLS) -> (ROWS, COLS / 32) u8; past K: 0."""
     g = k0 // 32 + tl.arange(0, COLS // 32)
-    sc = tl.load(Scales + n[:, None] * stride_sn + g[None, :], mask=n_ok[:, None] & (g < K // 32)[None, :], other=0)
+    ok = n_ok[:, None] & (g < K // 32)[None, :]
+    return tl.load(Scales + n_idx.to(tl.int64)[:, None] * stride_sn + g[None, :], mask=ok, other=0)
+
+
+@triton.jit
+def _decode(packed, sc, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """packed (ROWS, COLS / 2) u8 and their scales (ROWS, COLS / 32) u8 -> (ROWS, COLS) float32
+    holding the bf16-exact weights in k order (masked bytes are the code +0)."""
+    packed = packed.to(tl.int32)
+    # One scale per 32 values, broadcast over the 16 bytes of each group (a per-byte gather of the
+    # scale costs 16x the load instructions).
     sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (ROWS, COLS // 32, 16)), (ROWS, COLS // 2))
     scale = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2**(s - 127)
     # e2m1 bits (sign 3, exponent 2-1, mantissa 0) moved to float32's sign, lowest exponent bits
@@ -122,25 +135,6 @@ _TWO_POW_64 = tl.constexpr(2.0**64)  # undoes the pair decoder's 2**-64
 
 
 @triton.jit
-def _load_packed(Blocks, n_idx, n_ok, k0, K, stride_bn, COLS: tl.constexpr, EVEN_K: tl.constexpr):
-    """Bytes of rows n_idx, columns [k0, k0 + COLS) -> (ROWS, COLS / 2) u8 (masked: 0, the code +0)."""
-    byte = k0 // 2 + tl.arange(0, COLS // 2)  # a row's K / 2 bytes are contiguous: coalesced loads
-    if EVEN_K:
-        ok = n_ok[:, None]
-    else:
-        ok = n_ok[:, None] & (byte < K // 2)[None, :]
-    return tl.load(Blocks + n_idx.to(tl.int64)[:, None] * stride_bn + byte[None, :], mask=ok, other=0)
-
-
-@triton.jit
-def _load_scales(Scales, n_idx, n_ok, k0, K, stride_sn, COLS: tl.constexpr):
-    """Scale bytes of rows n_idx for columns [k0, k0 + COLS) -> (ROWS, COLS / 32) u8; past K: 0."""
-    g = k0 // 32 + tl.arange(0, COLS // 32)
-    ok = n_ok[:, None] & (g < K // 32)[None, :]
-    return tl.load(Scales + n_idx.to(tl.int64)[:, None] * stride_sn + g[None, :], mask=ok, other=0)
-
-
-@triton.jit
 def _decode_pairs(packed, sc, ROWS: tl.constexpr, COLS: tl.constexpr):
     """packed (ROWS, COLS / 2) u8 and their scales (ROWS, COLS / 32) u8 -> (ROWS, COLS) bf16 holding
     weight * 2**-64 in k order (CUDA only: inline PTX)."""
@@ -187,14 +181,14 @@ def _mxfp4_mm(X, Blocks, Scales, Offs, Y, M, N, K, E,
         else:
             x_ok = row_ok[:, None] & (ks < K)[None, :]
         x = tl.load(X + rows[:, None] * stride_xm + ks[None, :], mask=x_ok, other=0.0)  # (BLOCK_M, BLOCK_K)
+        packed = _load_packed(blocks, cols, col_ok, k0, K, stride_bn, BLOCK_K, EVEN)
         if PAIRS:
             sc = sc_next
             sc_next = _load_scales(scales, cols, col_ok, k0 + BLOCK_K, K, stride_sn, BLOCK_K)  # one step ahead
-            w = _decode_pairs(_load_packed(blocks, cols, col_ok, k0, K, stride_bn, BLOCK_K, EVEN), sc,
-                              BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K), weight * 2**-64
+            w = _decode_pairs(packed, sc, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K), weight * 2**-64
         else:
-            w = _decode(blocks, scales, cols, col_ok, k0, K, stride_bn, stride_sn,
-                        BLOCK_N, BLOCK_K).to(x.dtype)  # (BLOCK_N, BLOCK_K), exact in bf16
+            sc = _load_scales(scales, cols, col_ok, k0, K, stride_sn, BLOCK_K)
+            w = _decode(packed, sc, BLOCK_N, BLOCK_K).to(x.dtype)  # (BLOCK_N, BLOCK_K), exact in bf16
         if SWAP:
             # The decoded tile is the left operand: Hopper's wgmma can take that one from registers.
             acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
@@ -247,14 +241,14 @@ def _mxfp4_mm_t(DY, Blocks, Scales, Offs, DX, M, N, K, E,
             n_ok = ns < N
         dy = tl.load(DY + rows[:, None] * stride_dym + ns[None, :], mask=row_ok[:, None] & n_ok[None, :],
                      other=0.0)  # (BLOCK_M, BLOCK_N)
+        packed = _load_packed(blocks, ns, n_ok, k0, K, stride_bn, BLOCK_K, False)
         if PAIRS:
             sc = sc_next
             sc_next = _load_scales(scales, ns + BLOCK_N, ns + BLOCK_N < N, k0, K, stride_sn, BLOCK_K)  # one step ahead
-            w = _decode_pairs(_load_packed(blocks, ns, n_ok, k0, K, stride_bn, BLOCK_K, False), sc,
-                              BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K), weight * 2**-64
+            w = _decode_pairs(packed, sc, BLOCK_N, BLOCK_K)  # (BLOCK_N, BLOCK_K), weight * 2**-64
         else:
-            w = _decode(blocks, scales, ns, n_ok, k0, K, stride_bn, stride_sn,
-                        BLOCK_N, BLOCK_K).to(dy.dtype)  # (BLOCK_N, BLOCK_K), exact in bf16
+            sc = _load_scales(scales, ns, n_ok, k0, K, stride_sn, BLOCK_K)
+            w = _decode(packed, sc, BLOCK_N, BLOCK_K).to(dy.dtype)  # (BLOCK_N, BLOCK_K), exact in bf16
         if SWAP:
             acc = tl.dot(tl.trans(w), tl.trans(dy), acc, input_precision=PRECISION)
         else:
