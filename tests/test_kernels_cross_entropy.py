@@ -132,3 +132,31 @@ def test_bad_inputs_raise():
         chunked_cross_entropy(h, w, torch.zeros(4))
     with pytest.raises(RuntimeError, match="outside"):
         chunked_cross_entropy(h, w, torch.tensor([0, 10, 2, -100]))
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_row_kernel_gradient_in_place(grad_dtype):
+    """The row kernel writes the gradient over the float32 logits it reads (bf16 into the first half
+    of each row's bytes): loss and gradient equal the plain-PyTorch rows on the same logits, rounded
+    to the gradient dtype, and the wider float64 gradient gets a buffer of its own."""
+    from osstune.kernels.cross_entropy import _rows_loss_grad
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter case; the GPU runs the in-place path in test_matches_full_logits")
+    if triton_interpreter_problem():
+        pytest.skip(triton_interpreter_problem())
+    gen = torch.Generator().manual_seed(7)
+    c, v = 5, 9000  # three 4096-wide blocks, the last one partial
+    logits = torch.randn(c, v, generator=gen) * 4
+    labels = torch.randint(0, v, (c,), generator=gen)
+    labels[2] = -100
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        want_loss, want_grad = _rows_loss_grad(logits.clone(), labels, -100, grad_dtype, True)
+    buffer = logits.clone()
+    loss, grad = _rows_loss_grad(buffer, labels, -100, grad_dtype, True)
+    shares = grad.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    assert shares == (grad_dtype != torch.float64)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6)
+    tol = {torch.bfloat16: (8e-3, 1e-7), torch.float32: (1e-6, 1e-9), torch.float64: (1e-6, 1e-9)}[grad_dtype]
+    torch.testing.assert_close(grad, want_grad, rtol=tol[0], atol=tol[1])

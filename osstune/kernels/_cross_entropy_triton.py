@@ -4,6 +4,12 @@ One program per token row of a float32 logits chunk: pass 1 keeps a per-lane run
 (online softmax, Milakov & Gimelshein 2018) and reduces them to the row's log-sum-exp; pass 2 writes
 the gradient of the summed loss wrt the logits, softmax - onehot(label), in the matmul dtype.
 
+In place: the launcher may point Grad at the row's own logits (a bf16 gradient takes the first half
+of the row's float32 bytes). Block b of pass 2 then writes bytes that pass 1 and blocks <= b of
+pass 2 have read, and no later block reads; the barrier between a block's loads and its stores
+keeps every warp's reads of the block ahead of any warp's writes (the first block's stores land on
+its own logits).
+
 Shape legend: C rows in the chunk, V vocabulary; logits (C, V) float32, labels/loss (C,), grad (C, V).
 """
 
@@ -40,4 +46,5 @@ def _ce_rows(Logits, Labels, Loss, Grad, V, stride_l, stride_g, ignore_index,
             x = tl.load(logits + c, mask=c < V, other=0.0)
             g = tl.exp(x - lse) - tl.where(c == label, 1.0, 0.0)
             g = tl.where(valid, g, 0.0)
+            tl.debug_barrier()
             tl.store(grad + c, g.to(Grad.dtype.element_ty), mask=c < V)

@@ -27,22 +27,23 @@ import torch.nn.functional as F
 
 from osstune.kernels._backend import triton_usable
 
-# A chunk holds its float32 logits and their gradient in the input dtype at once: 6 bytes per
-# (row, vocabulary entry) in bf16, 1.2 MB a row at gpt-oss's 201,088 entries. The default chunk is
-# the rows that fit in this budget (384 at that vocabulary): at 2,048 rows a single chunk would
-# hold 2.3 GiB, a sixth of a QLoRA run's whole memory. Smaller chunks re-read the weight more often
-# (1.16 GB a chunk, forward and gradient), which costs little next to the chunk's GEMMs.
+# A chunk holds its float32 logits; on a GPU the gradient wrt them is written over them in place (a
+# bf16 gradient in the first half of each row's bytes), so a chunk costs 4 bytes per (row,
+# vocabulary entry): 0.8 MB a row at gpt-oss's 201,088 entries. The default chunk is the rows that
+# fit in this budget (256 at that vocabulary): at 2,048 rows a single chunk would hold 1.5 GiB,
+# a tenth of a QLoRA run's whole memory. Smaller chunks re-read the weight more often (1.16 GB a
+# chunk, forward and gradient), which costs little next to the chunk's GEMMs (docs/KERNELS.md).
 # With a trained weight every chunk also reads and writes the float32 (V, H) gradient buffer (4.6
 # GB of traffic, ~1.4 ms on an H100), so small chunks cost more than they save: 384 rows took 1.65x
 # the time of 2,048 there (docs/KERNELS.md); such a chunk is 2,048 rows.
-CHUNK_BUDGET = 512 * 2**20
+CHUNK_BUDGET = 256 * 2**20
 TRAINED_WEIGHT_CHUNK = 2048
 
 
 def default_chunk_rows(vocab: int, budget: int = CHUNK_BUDGET) -> int:
-    """Rows per chunk whose float32 logits and bf16 gradient fit in `budget` bytes: a multiple of
-    128 (full GEMM tiles), at least 128."""
-    return max(128, budget // (6 * vocab) // 128 * 128)
+    """Rows per chunk whose float32 logits fit in `budget` bytes: a multiple of 128 (full GEMM
+    tiles), at least 128."""
+    return max(128, budget // (4 * vocab) // 128 * 128)
 
 
 class CrossEntropyInputError(ValueError):
@@ -131,7 +132,14 @@ def _rows_loss_grad(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
 
         c, v = logits.shape
         loss = torch.empty(c, device=logits.device, dtype=torch.float32)
-        grad = torch.empty(c, v, device=logits.device, dtype=grad_dtype) if want_grad else logits
+        if not want_grad:
+            grad = logits
+        elif grad_dtype.itemsize <= logits.element_size():
+            # In place (the kernel's docstring says why that is safe): the gradient's rows start where
+            # the logits' rows do, with a row stride of the float32 row's bytes; a (C, V) view.
+            grad = logits.view(grad_dtype)[:, :v]
+        else:
+            grad = torch.empty(c, v, device=logits.device, dtype=grad_dtype)
         kern._ce_rows[(c,)](logits, labels, loss, grad, v, logits.stride(0), grad.stride(0), ignore_index,
                             BLOCK_V=4096 if v >= 4096 else max(16, 1 << (v - 1).bit_length()),
                             WRITE_GRAD=want_grad, num_warps=8)
@@ -160,12 +168,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             h = hidden[s : s + chunk_size]
             logits = _logits(h, weight)  # (C, V) float32
             loss, g = _rows_loss_grad(logits, labels[s : s + chunk_size], ignore_index, hidden.dtype, need_dh or need_dw)
-            del logits
+            del logits  # g may be its storage (the Triton path writes the gradient in place)
             total += loss.sum()
             if need_dh:
                 torch.mm(g, weight, out=d_hidden[s : s + chunk_size])
             if need_dw:
                 _accumulate_weight_grad(d_weight, g, h)
+            del g  # before the next chunk's logits are allocated, not after
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.has = (need_dh, need_dw)
         ctx.weight_dtype = weight.dtype
