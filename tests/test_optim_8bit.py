@@ -174,6 +174,26 @@ def test_triton_kernel_under_the_interpreter_equals_the_torch_path():
         assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+@pytest.mark.skipif(triton_interpreter_problem() is not None, reason=str(triton_interpreter_problem()))
+@pytest.mark.parametrize("kernel", ["triton", "torch"])
+def test_bf16_gradients_with_a_scale_equal_scaled_float32_copies(kernel):
+    # step(grads=bf16, grad_scale=s) widens and scales as it reads: bit for bit what stepping
+    # float32 copies that were multiplied by s first gives (MasterAdamW's clipping without copies).
+    direct = AdamW8bit(_params(0), betas=(0.9, 0.99), weight_decay=0.1, kernel=kernel)
+    copies = AdamW8bit(_params(0), betas=(0.9, 0.99), weight_decay=0.1, kernel="torch")
+    for step in range(3):
+        grads = [None if g is None else g.bfloat16() for g in _grads(step)]
+        scale = torch.tensor(0.37 if step % 2 else 1.0)
+        direct.step(1e-2, grads=grads, grad_scale=scale)
+        for p, g in zip(copies.params, grads):
+            p.grad = None if g is None else g.float() * scale
+        copies.step(1e-2)
+        for p, q in zip(direct.params, copies.params):
+            assert torch.equal(p, q)
+        a, b = direct.state_tensors(), copies.state_tensors()
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 @pytest.mark.gpu
 def test_triton_kernel_on_cuda_matches_the_torch_path(monkeypatch):
     # Each step starts both from the same state. The compiled kernel may contract a * b + c into
@@ -284,6 +304,23 @@ def test_offload_equals_no_offload(dtype):
     a, b = offloaded.state_tensors(), plain.state_tensors()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
     assert {"adam8/a/exp_avg_codes", "adam8/b/exp_avg_sq_absmax", "adam/c/exp_avg"} <= set(a)
+
+
+@pytest.mark.parametrize("moments", ["float32", "int8"])
+def test_device_step_without_float32_gradient_copies_equals_clipping_copies(moments, monkeypatch):
+    # The on-device step takes the norm from the bf16 gradients and widens float32-moment gradients
+    # a slice at a time (GRAD_SLICE, made small here so that "a" and "b" land in separate slices);
+    # the offloaded step clips float32 copies with clip_grad_norm_ and steps once: the same numbers.
+    import osstune.train.optim as optim_mod
+
+    monkeypatch.setattr(optim_mod, "GRAD_SLICE", 5000)
+    cfg = OptimConfig(weight_decay=0.1, moments=moments)
+    sliced, reference = MasterAdamW(_named(4, torch.bfloat16), cfg), MasterAdamW(_named(4, torch.bfloat16), cfg, offload=True)
+    assert _train(sliced, range(5), seed=5) == _train(reference, range(5), seed=5)
+    for p, q in zip(sliced.params, reference.params):
+        assert torch.equal(p, q)
+    a, b = sliced.state_tensors(), reference.state_tensors()
+    assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_state_tensors_resume_bit_for_bit():

@@ -3,8 +3,9 @@
 One launch updates every tensor of the optimizer: one program per quantization block of BLOCK
 values. A program finds its tensor through a block -> tensor table, reads that tensor's master and
 gradient through 64-bit addresses (the pointer table of Triton's grouped-GEMM tutorial: the tensors
-are separate allocations), decodes both moments, does the AdamW step in float32, writes the master
-and re-encodes the moments to the nearest code of their maps. Tensors with no gradient this step
+are separate allocations), decodes both moments, does the AdamW step in float32 (the gradient
+widened and scaled by the clipping factor as it is read), writes the master and re-encodes the
+moments to the nearest code of their maps. Tensors with no gradient this step
 have a null gradient address: their programs store nothing.
 
 Shape legend: B blocks over all tensors, T tensors, BLOCK values a block, 256 codes, 255 midpoints.
@@ -27,10 +28,11 @@ def _nearest_code(x, Mid, BLOCK: tl.constexpr):
 
 @triton.jit
 def _adamw8_blocks(
-    Owner, FirstBlock, Numel, MasterAddr, GradAddr, StepSize, Bc2Sqrt,  # (B,) int32, then (T,) each
+    Owner, FirstBlock, Numel, MasterAddr, GradAddr, GradScale, StepSize, Bc2Sqrt,  # (B,) int32, (T,) x2, (), (T,) x2
     MCodes, MAbsmax, VCodes, VAbsmax,  # (B * BLOCK,) int8, (B,) float32, (B * BLOCK,) uint8, (B,) float32
     SignedMap, SignedMid, UnsignedMap, UnsignedMid,  # (256,), (255,) float32
     decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+    GRAD_KIND: tl.constexpr,  # the gradients' element type: 0 float32, 1 bf16, 2 fp16
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -38,14 +40,20 @@ def _adamw8_blocks(
     grad_addr = tl.load(GradAddr + t)
     live = grad_addr != 0
     w_ptr = tl.load(MasterAddr + t).to(tl.pointer_type(tl.float32))
-    g_ptr = grad_addr.to(tl.pointer_type(tl.float32))
+    if GRAD_KIND == 1:
+        g_ptr = grad_addr.to(tl.pointer_type(tl.bfloat16))
+    elif GRAD_KIND == 2:
+        g_ptr = grad_addr.to(tl.pointer_type(tl.float16))
+    else:
+        g_ptr = grad_addr.to(tl.pointer_type(tl.float32))
     lanes = tl.arange(0, BLOCK)
     offs = (pid - tl.load(FirstBlock + t)) * BLOCK + lanes  # int64: positions in the tensor
     # A tensor without a gradient has no live lanes (a bound of 0, not `& live`: Triton 3.9's CPU
     # interpreter makes int64 of a tensor-and-scalar `&`, which its masked load refuses).
     in_tensor = offs < tl.where(live, tl.load(Numel + t), 0)
     w = tl.load(w_ptr + offs, mask=in_tensor, other=0.0)
-    g = tl.load(g_ptr + offs, mask=in_tensor, other=0.0)
+    # Widened, then scaled by the clipping factor: what scaling a float32 copy first gives.
+    g = tl.load(g_ptr + offs, mask=in_tensor, other=0.0).to(tl.float32) * tl.load(GradScale)
 
     codes = pid.to(tl.int64) * BLOCK + lanes
     # The padding past a tensor's end holds code 0 (= 0.0) in both maps and a zero gradient: it

@@ -34,6 +34,8 @@ BLOCK = 256
 # Values the plain-PyTorch path decodes at a time: its float32 temporaries (a few of this size)
 # stay at a few MiB whatever the tensor.
 CHUNK = 2**20
+# Gradient element types the Triton kernel reads (its GRAD_KIND).
+_GRAD_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @functools.cache
@@ -116,7 +118,10 @@ class AdamW8bit:
     """AdamW over float32 tensors (contiguous, on one device) with 8-bit moments.
 
     step(lr) updates the tensors that have a .grad, as torch.optim.AdamW does (a tensor without one
-    keeps its state and step count). The state lives in four flat buffers (codes and absmax of each
+    keeps its state and step count). step(lr, grads=, grad_scale=) reads the gradients from `grads`
+    instead (one per tensor or None; float32, bf16 or fp16, e.g. a bf16 model's own gradients
+    without float32 copies) and multiplies them by the float32 scalar tensor `grad_scale` (a
+    clipping factor) as it reads them: the same numbers as scaling float32 copies first. The state lives in four flat buffers (codes and absmax of each
     moment), tensor i owning blocks first[i] .. first[i + 1]. kernel: "auto" = the Triton kernel on
     CUDA when Triton can run there, plain PyTorch otherwise; "triton" / "torch" force one (tests:
     "triton" on the CPU runs under TRITON_INTERPRET=1).
@@ -151,10 +156,15 @@ class AdamW8bit:
         self._launch_tables: tuple[torch.Tensor, ...] | None = None
 
     @torch.no_grad()
-    def step(self, lr: float) -> None:
-        live = [p.grad is not None for p in self.params]
+    def step(self, lr: float, grads: list[torch.Tensor | None] | None = None, grad_scale: torch.Tensor | None = None) -> None:
+        if grads is None:
+            grads = [p.grad for p in self.params]
+        assert len(grads) == len(self.params)
+        live = [g is not None for g in grads]
         if not any(live):
             return
+        if grad_scale is None:
+            grad_scale = torch.ones((), device=self.device)
         beta1, beta2 = self.betas
         step_size, bc2_sqrt = [], []
         for i, has_grad in enumerate(live):
@@ -169,11 +179,11 @@ class AdamW8bit:
             self.kernel == "auto" and self.device.type == "cuda" and triton_usable(self.params[0])
         )
         if use_triton:
-            self._step_triton(step_size, bc2_sqrt, scalars)
+            self._step_triton(grads, grad_scale, step_size, bc2_sqrt, scalars)
         else:
-            for i, p in enumerate(self.params):
-                if live[i]:
-                    self._step_torch(i, step_size[i], bc2_sqrt[i], **scalars)
+            for i, g in enumerate(grads):
+                if g is not None:
+                    self._step_torch(i, g, grad_scale, step_size[i], bc2_sqrt[i], **scalars)
 
     def _slices(self, i: int, start: int, end: int) -> tuple[slice, slice]:
         """(code slice, absmax slice) of tensor i's values start .. end (start a multiple of BLOCK)."""
@@ -181,16 +191,16 @@ class AdamW8bit:
         b1 = self.first[i] + math.ceil(end / BLOCK)
         return slice(b0 * BLOCK, b1 * BLOCK), slice(b0, b1)
 
-    def _step_torch(self, i: int, step_size: float, bc2_sqrt: float, *, decay, beta1, one_minus_beta1, beta2,
-                    one_minus_beta2, eps) -> None:  # fmt: skip
-        w_all, g_all = self.params[i].view(-1), self.params[i].grad.reshape(-1)
+    def _step_torch(self, i: int, grad: torch.Tensor, grad_scale: torch.Tensor, step_size: float, bc2_sqrt: float, *,
+                    decay, beta1, one_minus_beta1, beta2, one_minus_beta2, eps) -> None:  # fmt: skip
+        w_all, g_all = self.params[i].view(-1), grad.reshape(-1)
         n = w_all.numel()
         for start in range(0, n, CHUNK):
             end = min(n, start + CHUNK)
             codes, blocks = self._slices(i, start, end)
             pad = (codes.stop - codes.start) - (end - start)
             w = w_all[start:end]
-            g = torch.nn.functional.pad(g_all[start:end].float(), (0, pad)).view(-1, BLOCK)  # (B, BLOCK)
+            g = torch.nn.functional.pad(g_all[start:end].float() * grad_scale, (0, pad)).view(-1, BLOCK)  # (B, BLOCK)
             m = _decode(self.exp_avg_codes[codes].view(-1, BLOCK), self.exp_avg_absmax[blocks], signed=True)
             v = _decode(self.exp_avg_sq_codes[codes].view(-1, BLOCK), self.exp_avg_sq_absmax[blocks], signed=False)
             # The same operations in the same order as the Triton kernel.
@@ -209,7 +219,8 @@ class AdamW8bit:
                 codes_buf[codes] = _encode(x, absmax, signed).view(-1)
                 absmax_buf[blocks] = absmax
 
-    def _step_triton(self, step_size: list[float], bc2_sqrt: list[float], scalars: dict) -> None:
+    def _step_triton(self, grads: list[torch.Tensor | None], grad_scale: torch.Tensor, step_size: list[float],
+                     bc2_sqrt: list[float], scalars: dict) -> None:  # fmt: skip
         from osstune.kernels import _adam8_triton as kern
 
         if self._launch_tables is None:
@@ -221,8 +232,11 @@ class AdamW8bit:
             numel = torch.tensor([p.numel() for p in self.params], dtype=torch.int64)
             self._launch_tables = tuple(t.to(self.device) for t in (owner, first, numel))
         owner, first, numel = self._launch_tables
-        # Addresses every step: gradients are new tensors each time (0 = no gradient: skipped).
-        grads = [None if p.grad is None else p.grad.float().contiguous() for p in self.params]
+        # Addresses every step: gradients may be new tensors each time (0 = no gradient: skipped).
+        # One element type for all of them: theirs when they share one, else float32 copies.
+        kinds = {g.dtype for g in grads if g is not None}
+        kind = kinds.pop() if len(kinds) == 1 and kinds <= set(_GRAD_KINDS) else torch.float32
+        grads = [None if g is None else g.to(kind).contiguous() for g in grads]
         addr = torch.tensor(
             [p.data_ptr() for p in self.params] + [0 if g is None else g.data_ptr() for g in grads],
             dtype=torch.int64,
@@ -231,12 +245,12 @@ class AdamW8bit:
         smap, smid, umap, umid = _tables(self.device)
         n = len(self.params)
         kern._adamw8_blocks[(self.first[-1],)](
-            owner, first, numel, addr[:n], addr[n:], hyper[0], hyper[1],
+            owner, first, numel, addr[:n], addr[n:], grad_scale.float(), hyper[0], hyper[1],
             self.exp_avg_codes, self.exp_avg_absmax, self.exp_avg_sq_codes, self.exp_avg_sq_absmax,
             smap, smid, umap, umid,
             scalars["decay"], scalars["beta1"], scalars["one_minus_beta1"], scalars["beta2"],
             scalars["one_minus_beta2"], scalars["eps"],
-            BLOCK=BLOCK, num_warps=2,
+            GRAD_KIND=_GRAD_KINDS[kind], BLOCK=BLOCK, num_warps=2,
         )  # fmt: skip
         del grads  # kept alive until the launch is queued; the allocator orders later reuse after it
 
