@@ -143,6 +143,7 @@ def run_ours(spec: dict) -> dict:
     init_s = time.perf_counter() - t0
     weights_gib = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
     if device == "cuda":  # the peak of the training steps, as the trainer reports it (not of the set-up)
+        torch.cuda.empty_cache()  # as the trainer does before its first step
         torch.cuda.reset_peak_memory_stats()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = MasterAdamW(trainable, OptimConfig(lr=1e-4, moments=memory.get("moments", "float32")),

@@ -226,6 +226,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
         for note in notes:
             progress.message(f"osstune: {note}")
     if device.type == "cuda":
+        # Blocks the set-up freed (loading, quantize_attention, building the optimizer) go back to
+        # the device: the run's footprint then starts at what its tensors hold, not at the set-up's peak.
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
     losses: list[float] = []
