@@ -261,6 +261,7 @@ def test_memory_options_in_recipes_and_overrides():
 
     recipe = merge(to_dict(TrainConfig()), load_yaml(f"{osstune.__path__[0]}/recipes/gpt-oss-20b-qlora.yaml"))
     assert from_dict(TrainConfig, recipe).memory.embedding == "cpu"
+    assert from_dict(TrainConfig, recipe).optim.moments == "int8"
 
 
 ROWS = [
