@@ -359,7 +359,9 @@ def run_mxfp4(seqs, sweep: bool) -> None:
 
 def run_mxfp4_attention(seqs) -> None:
     """The frozen attention projections stored as MXFP4 (`attention_weights: mxfp4`): one group each,
-    forward and input gradient, default tiles and a few smaller ones, against bf16 matmuls."""
+    forward and input gradient, default tiles and a few smaller ones, against bf16 matmuls; then q, k
+    and v as the fast path runs them, one GEMM over the three weights side by side (out 4096 + 512 +
+    512), beside the three GEMMs it replaces, as kernels and as layers (bias, split, input gradient)."""
     from osstune.kernels.mxfp4_gemm import MXFP4Tiles, mxfp4_grouped_mm, mxfp4_grouped_mm_t
     from osstune.quant.mxfp4 import quantize_mxfp4
 
@@ -367,9 +369,11 @@ def run_mxfp4_attention(seqs) -> None:
     candidates = [None, MXFP4Tiles(64, 64, 64, 4, 3), MXFP4Tiles(128, 64, 64, 4, 3), MXFP4Tiles(128, 64, 64, 8, 3),
                   MXFP4Tiles(128, 128, 64, 4, 3), MXFP4Tiles(128, 64, 128, 8, 3), MXFP4Tiles(128, 128, 128, 4, 2)]
     totals: dict[tuple[int, str, str], float] = {}  # (tokens, fwd/dgrad, tiles) -> ms over q, k, v, o
+    qkv: dict[tuple[int, str, str, str], float] = {}  # (tokens, fwd/dgrad, tiles, "3 GEMMs"/"fused") -> ms
     for n in seqs:
         offs = torch.full((1,), n, dtype=torch.int32, device="cuda")
-        for proj, (out_f, in_f) in (("q", (N_Q * D, H)), ("k/v", (N_KV * D, H)), ("o", (H, N_Q * D))):
+        for proj, (out_f, in_f) in (("q", (N_Q * D, H)), ("k/v", (N_KV * D, H)), ("o", (H, N_Q * D)),
+                                    ("qkv fused", ((N_Q + 2 * N_KV) * D, H))):
             w = torch.randn(1, out_f, in_f, generator=g, device="cuda") * 0.02
             blocks, scales = quantize_mxfp4(w)
             dense = w[0].to(torch.bfloat16)
@@ -382,15 +386,55 @@ def run_mxfp4_attention(seqs) -> None:
                 times = 2 if proj == "k/v" else 1
                 ms = bench(base)
                 record("mxfp4", f"bf16 matmul {name}", f"N={n}", ms, flops, None, None)
-                totals[n, kind, "bf16 matmul"] = totals.get((n, kind, "bf16 matmul"), 0.0) + times * ms
+                if proj != "qkv fused":
+                    totals[n, kind, "bf16 matmul"] = totals.get((n, kind, "bf16 matmul"), 0.0) + times * ms
                 for tiles in candidates:
                     label = "default" if tiles is None else _tiles_label(tiles)
                     ms = bench(lambda t=tiles: fn(a, blocks, scales, offs, t))
                     record("mxfp4", f"{name} {label}", f"N={n}", ms, flops, f"bf16 matmul {name}", None)
+                    if proj == "qkv fused":
+                        qkv[n, kind, label, "fused"] = ms
+                        continue
                     totals[n, kind, label] = totals.get((n, kind, label), 0.0) + times * ms
+                    if proj != "o":
+                        qkv[n, kind, label, "3 GEMMs"] = qkv.get((n, kind, label, "3 GEMMs"), 0.0) + times * ms
+        run_qkv_layers(n, g)
     print("  q + k + v + o, ms:")
     for (n, kind, label), ms in sorted(totals.items()):
         print(f"    N={n} {kind:5s} {label:24s} {ms:.3f}")
+    print("  q + k + v as three GEMMs / as one fused GEMM, ms:")
+    for n, kind, label, how in sorted(qkv):
+        if how == "fused":
+            three, fused = qkv[n, kind, label, "3 GEMMs"], qkv[n, kind, label, how]
+            print(f"    N={n} {kind:5s} {label:24s} {three:.3f} / {fused:.3f}")
+
+
+def run_qkv_layers(n: int, g: torch.Generator) -> None:
+    """q/k/v as `MXFP4Linear` layers (frozen, with biases), forward + input gradient: called one by one
+    against `osstune.fast.hooks.fast_qkv` over the same layers after `fuse_mxfp4_storage`."""
+    from osstune.config import PRESETS
+    from osstune.fast.hooks import fast_qkv
+    from osstune.model import Attention
+    from osstune.quant.linear import QKV_PROJECTIONS, MXFP4Linear, fuse_mxfp4_storage
+
+    attn = Attention(PRESETS["gpt-oss-20b"], 0).to("cuda", torch.bfloat16).requires_grad_(False)
+    for kind in QKV_PROJECTIONS:
+        setattr(attn, kind, MXFP4Linear.from_linear(getattr(attn, kind)))
+    x = torch.randn(1, n, H, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    grads = [torch.randn(1, n, f, generator=g, device="cuda", dtype=torch.bfloat16)
+             for f in (N_Q * D, N_KV * D, N_KV * D)]
+    flops = 4 * n * H * (N_Q + 2 * N_KV) * D  # forward and input gradient
+
+    def step(fn):
+        torch.autograd.backward(fn(), grads)
+
+    separate = lambda: step(lambda: (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)))  # noqa: E731
+    record("mxfp4", "attn q/k/v layers one by one", f"N={n}", bench(separate, [x]), flops, None, peak_mb(separate),
+           host_ms(separate))
+    fuse_mxfp4_storage([attn.q_proj, attn.k_proj, attn.v_proj])
+    fused = lambda: step(lambda: fast_qkv(attn, x))  # noqa: E731
+    record("mxfp4", "attn q/k/v layers fused", f"N={n}", bench(fused, [x]), flops, "attn q/k/v layers one by one",
+           peak_mb(fused), host_ms(fused))
 
 
 def _tiles_label(t) -> str:

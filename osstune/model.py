@@ -112,15 +112,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.d)
         self.o_proj = nn.Linear(self.n_q * self.d, h)
         self.sinks = nn.Parameter(torch.zeros(self.n_q))
-        # Hook for a fused kernel (osstune.fast sets it): (q, k, v, sinks, window, ctx) -> (B, T, Q, D).
-        # A plain attribute, not a submodule, so the state dict stays the checkpoint's.
+        # Hooks for fused kernels (osstune.fast sets them); plain attributes, not submodules, so the
+        # state dict stays the checkpoint's.
+        # (attention, x (B, T, H)) -> q (B, T, Q*D), k, v (B, T, K*D): the three projections at once.
+        self.qkv_impl: Callable | None = None
+        # (q, k, v, sinks, window, ctx) -> (B, T, Q, D).
         self.attention_impl: Callable | None = None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q = apply_rotary(self.q_proj(x).view(b, t, self.n_q, self.d), ctx.cos, ctx.sin)
-        k = apply_rotary(self.k_proj(x).view(b, t, self.n_kv, self.d), ctx.cos, ctx.sin)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.d)
+        if self.qkv_impl is not None:
+            q, k, v = self.qkv_impl(self, x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = apply_rotary(q.view(b, t, self.n_q, self.d), ctx.cos, ctx.sin)
+        k = apply_rotary(k.view(b, t, self.n_kv, self.d), ctx.cos, ctx.sin)
+        v = v.view(b, t, self.n_kv, self.d)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)
         if self.attention_impl is not None:

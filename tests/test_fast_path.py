@@ -232,6 +232,39 @@ def test_experts_lora_on_one_projection_only():
     torch.testing.assert_close(fast_experts(experts, x, idx, weights), experts(x, idx, weights), rtol=1e-4, atol=1e-5)
 
 
+def test_packed_qkv_get_the_fused_hook_and_disable_removes_it():
+    # q/k/v stored as MXFP4 (quantize_attention) run as one GEMM; dense ones keep the plain projections.
+    from osstune.fast.hooks import fast_qkv
+    from osstune.quant.linear import packed_qkv, quantize_attention, shared_mxfp4_weight
+
+    dense = init_weights(GptOss(CPU_CFG), seed=14)
+    assert enable_fast_path(dense, FastPathOptions(attention=False, experts=False)).fused_qkv_layers == 0
+    assert all(layer.self_attn.qkv_impl is None for layer in dense.model.layers)
+
+    model = init_weights(GptOss(CPU_CFG), seed=14)
+    quantize_attention(model)
+    names = list(model.state_dict())
+    off = enable_fast_path(model, FastPathOptions(attention=False, experts=False, fuse_qkv=False))
+    assert off.fused_qkv_layers == 0 and model.model.layers[0].self_attn.qkv_impl is None
+    summary = enable_fast_path(model, FastPathOptions(attention=False, experts=False))
+    assert summary.fused_qkv_layers == CPU_CFG.num_hidden_layers and list(model.state_dict()) == names
+    assert all(layer.self_attn.qkv_impl is fast_qkv for layer in model.model.layers)
+    assert all(shared_mxfp4_weight(packed_qkv(layer.self_attn)) is not None for layer in model.model.layers)
+    # LoRA added after enabling: the hook finds the wrappers on its next call.
+    apply_lora(model, LoraConfig(r=4, targets="attention"), seed=15)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    ids = torch.randint(0, CPU_CFG.vocab_size, (1, 9))
+    with torch.no_grad():
+        fast = model(ids)
+        disable_fast_path(model)
+        assert all(layer.self_attn.qkv_impl is None for layer in model.model.layers)
+        ref = model(ids)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_fast_setting():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert use_fast_path("auto", cuda) and not use_fast_path("auto", cpu)

@@ -1,5 +1,6 @@
 """Attention projections stored as MXFP4 (osstune.quant.linear): the layer, `quantize_attention`, LoRA
-over it, merging, adapters and the refusal to save.
+over it, merging, adapters, the refusal to save, and q/k/v in one buffer and one GEMM (the fast path's
+`fast_qkv`, checked against the same projections called one by one).
 
 Truth: weights decoded here from the e2m1 table and E8M0 rule of the OCP MX spec v1.0 (float64, not
 through osstune's decoder), then plain `F.linear` / a dense GptOss holding those decoded weights. CPU
@@ -25,7 +26,17 @@ from osstune.kernels import mxfp4_gemm
 from osstune.kernels._backend import triton_interpreter_problem, triton_interpreting
 from osstune.lora import LoraConfig, LoRALinear, apply_lora, load_adapter, lora_parameters, merge_lora, save_adapter
 from osstune.model import GptOss, init_weights
-from osstune.quant.linear import ATTENTION_PROJECTIONS, MXFP4Linear, QuantizationError, quantize_attention
+from osstune.quant.linear import (
+    ATTENTION_PROJECTIONS,
+    QKV_PROJECTIONS,
+    MXFP4Linear,
+    QuantizationError,
+    fuse_mxfp4_storage,
+    fused_mxfp4_linear,
+    packed_qkv,
+    quantize_attention,
+    shared_mxfp4_weight,
+)
 
 # The tiny preset with a small vocabulary: the unembedding plays no part in what is tested here.
 CFG = PRESETS["tiny"].replace(vocab_size=512)
@@ -320,6 +331,238 @@ def test_dtype_follows_the_model():
     assert model(torch.randint(0, CFG.vocab_size, (1, 5))).dtype == torch.float32
 
 
+# ---------------------------------------------------------------- q/k/v in one GEMM
+
+QKV_CFG = CFG.replace(num_hidden_layers=2)
+
+
+def _fuse_all(model: GptOss) -> None:
+    """What enable_fast_path does for the projections, without the attention and expert kernels."""
+    from osstune.fast.hooks import fast_qkv
+
+    for layer in model.model.layers:
+        fuse_mxfp4_storage(packed_qkv(layer.self_attn))
+        layer.self_attn.qkv_impl = fast_qkv
+
+
+def _randomize_biases(model: GptOss, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # init_weights zeroes them: a mixed-up bias would go unseen
+        for name, p in model.named_parameters():
+            if ".self_attn." in name and name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    return t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+
+
+def _assert_one_buffer(model: GptOss) -> None:
+    """q/k/v's blocks (and scales) are consecutive slices of one buffer holding nothing else."""
+    for layer in model.model.layers:
+        bases = packed_qkv(layer.self_attn)
+        for name in ("weight_blocks", "weight_scales"):
+            tensors = [getattr(m, name) for m in bases]
+            assert len({_storage(t) for t in tensors}) == 1, name
+            assert _storage(tensors[0])[1] == sum(t.numel() for t in tensors), "extra weight memory"
+            offsets = [t.storage_offset() for t in tensors]
+            assert offsets == [0, tensors[0].numel(), tensors[0].numel() + tensors[1].numel()]
+
+
+@pytest.mark.parametrize("lora", [None, LoraConfig(r=4, targets="attention")], ids=["packed", "lora"])
+def test_fusing_qkv_storage_keeps_state_dict_memory_and_adapters(lora, tmp_path):
+    model = _model(seed=21, cfg=QKV_CFG)
+    quantize_attention(model)
+    if lora:
+        apply_lora(model, lora, seed=22)
+        _randomize_b(model, seed=23)
+    unfused = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = [(n, b.shape, b.dtype) for n, b in model.named_buffers()]
+    nbytes = sum(b.numel() * b.element_size() for _, b in model.named_buffers())
+    _fuse_all(model)
+
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and after[k].shape == v.shape and torch.equal(after[k], v), k
+    assert [(n, b.shape, b.dtype) for n, b in model.named_buffers()] == buffers
+    _assert_one_buffer(model)
+    assert sum(_storage(b)[1] for b in {_storage(b): b for _, b in model.named_buffers()}.values()) == nbytes
+    attn = model.model.layers[1].self_attn
+    blocks, scales = shared_mxfp4_weight(packed_qkv(attn))  # views of the whole buffer, in q, k, v order
+    want = [unfused.get_submodule(f"model.layers.1.self_attn.{k}") for k in QKV_PROJECTIONS]
+    want = [getattr(m, "base_layer", m) for m in want]
+    assert torch.equal(blocks, torch.cat([m.weight_blocks for m in want], 1))
+    assert torch.equal(scales, torch.cat([m.weight_scales for m in want], 1))
+    rows = (CFG.num_attention_heads + 2 * CFG.num_key_value_heads) * CFG.head_dim
+    assert blocks.shape == (1, rows, CFG.hidden_size // 32, 16)
+
+    # Fusing again changes nothing; loading, casting and copying the model keep the one buffer.
+    ptr = _storage(blocks)
+    _fuse_all(model)
+    model.load_state_dict(before)
+    model.to(torch.float64).to(torch.float32)
+    _assert_one_buffer(model)
+    assert _storage(shared_mxfp4_weight(packed_qkv(attn))[0]) == ptr
+    _assert_one_buffer(copy.deepcopy(model))
+    if lora:
+        save_adapter(model, tmp_path / "fused")
+        save_adapter(unfused, tmp_path / "unfused")
+        a = load_file(str(tmp_path / "fused" / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "unfused" / "adapter_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+_QKV_CASES = {
+    "packed, trained biases": (None, True),
+    "lora": (LoraConfig(r=4, alpha=8, targets="attention"), False),
+    "lora, trained biases": (LoraConfig(r=4, alpha=8, targets="attention"), True),
+    "lora dropout": (LoraConfig(r=4, alpha=8, targets="attention", dropout=0.25), False),
+}
+
+
+@pytest.mark.parametrize("case", list(_QKV_CASES))
+def test_fused_qkv_equals_the_projections_one_by_one(case, monkeypatch):
+    # float32 on the layer's Triton kernel (the interpreter) or its reference: the fused model does the
+    # same products as the unfused one, only the input gradient sums q, k and v's parts in one GEMM.
+    lora, train_biases = _QKV_CASES[case]
+    model = _model(seed=24, cfg=QKV_CFG)
+    _randomize_biases(model, seed=24)
+    quantize_attention(model)
+    if lora:
+        apply_lora(model, lora, seed=25)
+        _randomize_b(model, seed=26)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(("lora_A", "lora_B")) or (train_biases and ".self_attn." in name and "bias" in name))
+    model.train()
+    model.gradient_checkpointing = lora is not None and lora.dropout > 0  # the recomputation redraws dropout
+    fused = copy.deepcopy(model)
+    _fuse_all(fused)
+
+    calls = {"fwd": 0, "dgrad": 0}
+
+    def counted(real, kind):
+        def call(*args, **kwargs):
+            calls[kind] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    for fn, kind in (("mxfp4_grouped_mm", "fwd"), ("mxfp4_grouped_mm_t", "dgrad")):
+        monkeypatch.setattr(mxfp4_gemm, fn, counted(getattr(mxfp4_gemm, fn), kind))
+    gen = torch.Generator().manual_seed(27)
+    x = torch.randn(2, 11, CFG.hidden_size, generator=gen)
+    g = torch.randn(2, 11, CFG.hidden_size, generator=gen)
+    results = []
+    for m in (model, fused):
+        calls.update(fwd=0, dgrad=0)
+        torch.manual_seed(28)  # the same dropout masks: the fused path draws them in the same order
+        xi = x.clone().requires_grad_(True)
+        out = m(inputs_embeds=xi, return_hidden=True)
+        (out * g).sum().backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+        results.append((out.detach(), xi.grad, grads, dict(calls)))
+    (out_u, dx_u, grads_u, calls_u), (out_f, dx_f, grads_f, calls_f) = results
+    layers = QKV_CFG.num_hidden_layers
+    recompute = 2 if model.gradient_checkpointing else 1
+    # q, k, v, o one by one; fused: q/k/v and o. Each once more when checkpointing recomputes the layer.
+    assert calls_u == {"fwd": 4 * layers * recompute, "dgrad": 4 * layers}
+    assert calls_f == {"fwd": 2 * layers * recompute, "dgrad": 2 * layers}
+    assert _rel(out_f, out_u) < 1e-6 and _rel(dx_f, dx_u) < 1e-6
+    # LoRA A and B of q/k/v/o, q/k/v/o's biases
+    assert set(grads_f) == set(grads_u) and len(grads_u) == 4 * layers * ((2 if lora else 0) + train_biases)
+    for n, want in grads_u.items():
+        assert want is not None and want.abs().sum() > 0, n
+        assert _rel(grads_f[n], want) < 1e-6, n
+
+
+def test_fused_qkv_falls_back_when_the_buffer_is_no_longer_shared():
+    # What `.to(another device)` does to the slices: each becomes a tensor of its own.
+    model = _model(seed=29, cfg=QKV_CFG)
+    _randomize_biases(model, seed=29)
+    quantize_attention(model)
+    apply_lora(model, LoraConfig(r=4, targets="attention"), seed=30)
+    _randomize_b(model, seed=31)
+    ids = torch.randint(0, CFG.vocab_size, (1, 7))
+    with torch.no_grad():
+        want = model(ids)
+        _fuse_all(model)
+        k = model.model.layers[0].self_attn.k_proj.base_layer
+        k.weight_blocks = k.weight_blocks.clone()
+        assert shared_mxfp4_weight(packed_qkv(model.model.layers[0].self_attn)) is None
+        with pytest.warns(UserWarning, match="layer 0: .* no longer share one buffer"):
+            got = model(ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # float64 has no kernel: the layers run one by one (their decoded fallback), without a warning.
+    layers = packed_qkv(model.model.layers[1].self_attn)
+    assert fused_mxfp4_linear(torch.randn(3, CFG.hidden_size, dtype=torch.float64), layers) is None
+
+
+def test_only_packed_qkv_of_one_input_can_share_a_buffer():
+    model = _model(seed=32, cfg=QKV_CFG)
+    assert packed_qkv(model.model.layers[0].self_attn) is None  # bf16/float nn.Linear
+    quantize_attention(model)
+    attn = model.model.layers[0].self_attn
+    assert [m is getattr(attn, k) for m, k in zip(packed_qkv(attn), QKV_PROJECTIONS)] == [True] * 3
+    other = MXFP4Linear.from_linear(nn.Linear(64, 8))
+    with pytest.raises(QuantizationError, match="in_features 128 .* and 64 .* cannot share one buffer"):
+        fuse_mxfp4_storage([attn.q_proj, other])
+    assert shared_mxfp4_weight([attn.q_proj, attn.k_proj]) is None  # nothing was moved
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lora", [False, True], ids=["packed", "lora"])
+def test_fused_qkv_equals_the_projections_one_by_one_gpu(lora):
+    # gpt-oss-20b's shapes: hidden 2880, q 64 heads x 64, k/v 8 heads x 64, 2,048 tokens, bf16 on the kernel.
+    from osstune.fast.hooks import fast_qkv
+    from osstune.model import Attention
+
+    cfg = PRESETS["gpt-oss-20b"]
+    gen = torch.Generator().manual_seed(33)
+    attn = Attention(cfg, 0)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    attn = attn.to("cuda", torch.bfloat16)
+    for kind in QKV_PROJECTIONS:
+        packed = MXFP4Linear.from_linear(getattr(attn, kind))
+        setattr(attn, kind, LoRALinear(packed, 8, 2.0, generator=gen) if lora else packed)
+        if lora:
+            with torch.no_grad():
+                getattr(attn, kind).lora_B.copy_(torch.randn(getattr(attn, kind).lora_B.shape, generator=gen) * 0.02)
+    x = torch.randn(1, 2048, cfg.hidden_size, generator=gen).to("cuda", torch.bfloat16)
+    gs = [torch.randn(1, 2048, n, generator=gen).to("cuda", torch.bfloat16) for n in (4096, 512, 512)]
+    params = [p for n, p in attn.named_parameters() if n.startswith(QKV_PROJECTIONS) and n.endswith(("lora_A", "lora_B", "bias"))]
+
+    def run(fn):
+        xi = x.clone().requires_grad_(True)
+        ys = fn(xi)
+        grads = torch.autograd.grad(sum((y.float() * g).sum() for y, g in zip(ys, gs)), [xi] + params)
+        return [y.detach() for y in ys] + list(grads)
+
+    unfused = run(lambda xi: [getattr(attn, k)(xi) for k in QKV_PROJECTIONS])
+    fuse_mxfp4_storage(packed_qkv(attn))
+    fused = run(lambda xi: fast_qkv(attn, xi))
+    # Float64 truth from the decoded weights, to see both paths' bf16 rounding against it.
+    bases = [getattr(attn, k) for k in QKV_PROJECTIONS]
+    x64 = x.double().requires_grad_(True)
+    ys = []
+    for m in bases:
+        base = getattr(m, "base_layer", m)
+        y = F.linear(x64, _truth_weight(base), base.bias.double())
+        if lora:
+            y = y + m.scale * F.linear(F.linear(x64, m.lora_A.double()), m.lora_B.double())
+        ys.append(y)
+    truth = [y.detach() for y in ys] + list(torch.autograd.grad(sum((y * g.double()).sum() for y, g in zip(ys, gs)), [x64]))
+    for i, (f, u) in enumerate(zip(fused, unfused)):
+        # bf16 outputs rounded once more or less (the input gradient's three parts summed inside one
+        # GEMM instead of by autograd in bf16): both within bf16 rounding of each other.
+        assert _rel(f, u) < TOL[torch.bfloat16], i
+    for i, t in enumerate(truth):
+        assert _rel(fused[i], t) < TOL[torch.bfloat16], i
+
+
 @pytest.mark.gpu
 def test_forward_and_input_gradient_gpu():
     # gpt-oss-20b's q_proj: hidden 2880 -> 64 heads x 64, bf16 on the kernel.
@@ -371,7 +614,7 @@ def test_fast_path_and_cuda_graph_match_eager_gpu():
 
     reference_loss, _ = step()
     summary = enable_fast_path(model)
-    assert summary.attention_layers == cfg.num_hidden_layers and not summary.reference
+    assert summary.attention_layers == summary.fused_qkv_layers == cfg.num_hidden_layers and not summary.reference
     step()  # compile the kernels outside the sync check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # the packed projections must not read a device value

@@ -1,13 +1,19 @@
 """The reference model's attention and experts through our kernels, by filling the model's hooks.
 
-`enable_fast_path(model)` sets `Attention.attention_impl`, `MoE.experts_impl` and
-`GptOss.checkpoint_options`; it changes no module, parameter or state-dict name, so checkpoints,
+`enable_fast_path(model)` sets `Attention.attention_impl`, `Attention.qkv_impl`, `MoE.experts_impl`
+and `GptOss.checkpoint_options`; it changes no module, parameter or state-dict name, so checkpoints,
 adapters and `disable_fast_path` work as before. The loss's fused kernel is chosen in
 `osstune.train.loss` (on CUDA).
 
 - Attention: `sink_flash_attention` with the layer's window and the batch's `doc_ids`; no dense
   (T, T) mask is built. With a KV cache (generation) the reference runs: the kernel trains, it
   does not decode.
+- q/k/v over MXFP4 (`quantize_attention`, LoRA on them or not): one MXFP4 GEMM over the three
+  weights side by side, forward and input gradient (`fused_mxfp4_linear`), plus each adapter's
+  `LoRALinear.delta` (dropout included, drawn in the same order as the unfused wrappers). Enabling
+  moves the three packed weights into one buffer first (`fuse_mxfp4_storage`: the same memory and
+  state dict); a `.to()` onto another device afterwards ends the sharing, and the projections run one
+  by one again, with a warning, until `enable_fast_path` runs again. Decided per call like the experts.
 - Experts: `moe_experts` (grouped GEMMs) for dense `Experts`, `moe_experts_mxfp4` (the MXFP4 grouped
   GEMMs, weights kept packed: QLoRA) for `MXFP4Experts`, and either for `LoRAExperts` over them with
   the adapter's per-expert pairs as `ExpertLoRA` (a projection the adapter does not target gets a
@@ -43,8 +49,16 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from osstune.kernels import ExpertLoRA, moe_experts, sink_flash_attention
 from osstune.kernels.moe import moe_experts_mxfp4
 from osstune.kernels.mxfp4_gemm import MXFP4GroupedLinear, check_scales
-from osstune.lora.layers import LoRAExperts
+from osstune.lora.layers import LoRAExperts, LoRALinear
 from osstune.model import Attention, Experts, ForwardContext, GptOss, MoE, MXFP4Experts, sink_attention
+from osstune.quant.linear import (
+    QKV_PROJECTIONS,
+    MXFP4Linear,
+    fuse_mxfp4_storage,
+    fused_mxfp4_linear,
+    packed_qkv,
+    shared_mxfp4_weight,
+)
 
 CHECKPOINT_POLICIES = ("layer", "keep_expert_gemms")
 # Head dims the attention kernel compiles for (osstune.kernels.attention).
@@ -56,6 +70,7 @@ class FastPathOptions:
     attention: bool = True
     experts: bool = True
     checkpoint: Literal["layer", "keep_expert_gemms"] = "layer"
+    fuse_qkv: bool = True  # q/k/v stored as MXFP4: one GEMM for the three (module docstring)
 
     def __post_init__(self) -> None:
         if self.checkpoint not in CHECKPOINT_POLICIES:
@@ -69,6 +84,7 @@ class FastPathSummary:
     attention_layers: int
     expert_layers: int
     reference: tuple[str, ...]  # "path: reason"
+    fused_qkv_layers: int = 0  # attention layers whose MXFP4 q/k/v run as one GEMM
 
 
 def use_fast_path(mode: str, device: torch.device) -> bool:
@@ -86,10 +102,15 @@ def enable_fast_path(model: GptOss, options: FastPathOptions = FastPathOptions()
     adapters' rank. Warns when a layer stays on the reference.
     """
     reference = []
-    n_attention = n_experts = 0
+    n_attention = n_experts = n_qkv = 0
     for name, module in model.named_modules():
         if isinstance(module, Attention):
-            module.attention_impl = None
+            module.attention_impl = module.qkv_impl = None
+            layers = packed_qkv(module) if options.fuse_qkv else None
+            if layers is not None:
+                fuse_mxfp4_storage(layers)
+                module.qkv_impl = fast_qkv
+                n_qkv += 1
             if options.attention and module.d in _KERNEL_HEAD_DIMS:
                 module.attention_impl = fast_attention
                 n_attention += 1
@@ -111,7 +132,7 @@ def enable_fast_path(model: GptOss, options: FastPathOptions = FastPathOptions()
     if reference:
         shown = "; ".join(reference[:3]) + (f"; and {len(reference) - 3} more" if len(reference) > 3 else "")
         warnings.warn(f"fast path: {len(reference)} module(s) stay on the reference path: {shown}", stacklevel=2)
-    return FastPathSummary(n_attention, n_experts, tuple(reference))
+    return FastPathSummary(n_attention, n_experts, tuple(reference), n_qkv)
 
 
 def _check_packed_scales(experts: nn.Module, name: str) -> None:
@@ -125,7 +146,7 @@ def _check_packed_scales(experts: nn.Module, name: str) -> None:
 def disable_fast_path(model: GptOss) -> None:
     for module in model.modules():
         if isinstance(module, Attention):
-            module.attention_impl = None
+            module.attention_impl = module.qkv_impl = None  # q/k/v keep sharing one buffer: harmless
         elif isinstance(module, MoE):
             module.experts_impl = None
     model.checkpoint_options = {}
@@ -138,6 +159,26 @@ def fast_attention(
     if ctx.cache is not None:
         return sink_attention(q, k, v, sinks, ctx.sliding_allowed if window is not None else ctx.full_allowed)
     return sink_flash_attention(q, k, v, sinks, window=window, doc_ids=ctx.doc_ids)
+
+
+def fast_qkv(attention: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`Attention.qkv_impl`: x (B, T, H) -> q (B, T, Q*D), k, v (B, T, K*D), the base projections as
+    one MXFP4 GEMM and each LoRA wrapper's delta on top; the projections one by one where they cannot
+    (another kind of module there, or their weights no longer share a buffer)."""
+    modules = [getattr(attention, kind) for kind in QKV_PROJECTIONS]
+    bases = [m.base_layer if isinstance(m, LoRALinear) else m for m in modules]
+    ys = None
+    if all(type(b) is MXFP4Linear for b in bases):
+        ys = fused_mxfp4_linear(x, bases)
+        if shared_mxfp4_weight(bases) is None:
+            warnings.warn(
+                f"attention layer {attention.layer}: the MXFP4 q/k/v weights no longer share one buffer (moved "
+                "with .to() after enable_fast_path?); they run as three GEMMs. Call enable_fast_path again",
+                stacklevel=2,
+            )
+    if ys is None:
+        return tuple(m(x) for m in modules)
+    return tuple(y + m.delta(x) if isinstance(m, LoRALinear) else y for m, y in zip(modules, ys))
 
 
 def fast_experts(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

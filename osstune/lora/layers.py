@@ -67,9 +67,13 @@ class LoRALinear(nn.Module):
             (r, base.in_features), (base.out_features, r), base.in_features, device, dtype, generator
         )
 
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's term, x (..., in) -> scale * (dropout(x) @ A^T) @ B^T (..., out): what a fused
+        base projection (osstune.fast, q/k/v in one GEMM) adds per wrapper."""
+        return self.scale * F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return self.base_layer(x) + self.scale * delta
+        return self.base_layer(x) + self.delta(x)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:

@@ -14,8 +14,17 @@ checkpoint with `osstune export`.
 Its forward is the experts' grouped GEMM over one group (osstune.kernels.mxfp4_gemm): decoded in
 registers on CUDA, one decoded copy at a time on CPU; W gets no gradient, x does.
 
+q, k and v read the same input, so the fast path computes them as one GEMM over their weights side
+by side (out = 4096 + 512 + 512 for gpt-oss-20b; k and v alone, N = 512, fill few of the GEMM's
+tiles). `fuse_mxfp4_storage` moves the packed weights of such layers into one buffer and makes each
+layer's `weight_blocks` / `weight_scales` a slice of it: the same bytes, names, shapes and values, so
+the state dict does not change; `fused_mxfp4_linear` then runs the layers as one GEMM. `.to()` onto
+another device copies each slice on its own and ends the sharing (the layers stay correct, and are
+computed one by one again): fuse once the model has its device, as `osstune.fast.enable_fast_path`
+does.
+
 Shape legend: M rows (all leading dimensions flattened), in / out the projection's sizes,
-G = in / 32 scale groups.
+G = in / 32 scale groups, N the summed out of layers sharing a buffer.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ if TYPE_CHECKING:
     from osstune.model import GptOss
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+QKV_PROJECTIONS = ATTENTION_PROJECTIONS[:3]
 # The grouped GEMM's input dtypes; others (float64 references, float16) decode W and use F.linear.
 _KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -212,3 +222,89 @@ def quantize_attention(model: GptOss) -> AttentionQuantReport:
         dense_bytes=dense_bytes,
         packed_bytes=packed_bytes,
     )
+
+
+def packed_qkv(attention: nn.Module) -> list[MXFP4Linear] | None:
+    """The `MXFP4Linear` of `attention`'s q/k/v_proj (each the projection itself or a LoRA wrapper's
+    `base_layer`), or None unless all three are one and can share a buffer: the same in_features,
+    dtype and device, all with a bias or none."""
+    layers = []
+    for kind in QKV_PROJECTIONS:
+        module = getattr(attention, kind)
+        module = getattr(module, "base_layer", module)  # a LoRA wrapper: see quantize_attention
+        if type(module) is not MXFP4Linear:
+            return None
+        layers.append(module)
+    kinds = {(m.in_features, m.dtype, m.device, m.bias is None) for m in layers}
+    return layers if len(kinds) == 1 else None
+
+
+@torch.no_grad()
+def fuse_mxfp4_storage(layers: list[MXFP4Linear]) -> None:
+    """Move the packed weights of `layers` (same in_features and device) into one blocks buffer
+    (1, N, G, 16) and one scales buffer (1, N, G), rows in the order given, and make each layer's
+    `weight_blocks` / `weight_scales` its slice of them (module docstring). Memory holds the layers'
+    weights once more while copying, then once. Nothing happens when they share buffers already."""
+    first = layers[0]
+    for m in layers:
+        if (m.in_features, m.device) != (first.in_features, first.device):
+            raise QuantizationError(
+                f"fuse_mxfp4_storage: layers of in_features {first.in_features} on {first.device} and "
+                f"{m.in_features} on {m.device} cannot share one buffer; pass layers that read the same input"
+            )
+    if shared_mxfp4_weight(layers) is not None:
+        return
+    blocks = torch.cat([m.weight_blocks for m in layers], dim=1)  # (1, N, G, 16)
+    scales = torch.cat([m.weight_scales for m in layers], dim=1)  # (1, N, G)
+    start = 0
+    for m in layers:
+        stop = start + m.out_features
+        m.weight_blocks, m.weight_scales = blocks[:, start:stop], scales[:, start:stop]
+        start = stop
+
+
+def shared_mxfp4_weight(layers: list[MXFP4Linear]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """blocks (1, N, G, 16) and scales (1, N, G) spanning `layers`' weights, views without a copy,
+    when each layer's buffers are the next rows of one buffer (as `fuse_mxfp4_storage` leaves them);
+    else None. Reads no device value."""
+    first = layers[0]
+    views = []
+    for name in ("weight_blocks", "weight_scales"):
+        head = getattr(first, name)
+        row = head.stride(1)
+        offset = head.storage_offset()
+        for m in layers:
+            t = getattr(m, name)
+            # Rows contiguous and one after another: slicing dim 1 of a contiguous buffer gives that.
+            if (
+                t.untyped_storage().data_ptr() != head.untyped_storage().data_ptr()
+                or t.storage_offset() != offset
+                or t.stride() != head.stride()
+                or not t.is_contiguous()
+            ):
+                return None
+            offset += m.out_features * row
+        size = (1, sum(m.out_features for m in layers), *head.shape[2:])
+        views.append(head.as_strided(size, head.stride(), head.storage_offset()))
+    return views[0], views[1]
+
+
+def fused_mxfp4_linear(x: torch.Tensor, layers: list[MXFP4Linear]) -> list[torch.Tensor] | None:
+    """Each layer's output for the same x (..., in), from one GEMM over their shared weights (see
+    `fuse_mxfp4_storage`) and one bias add: [(..., out) per layer], equal to `[m(x) for m in layers]`.
+    None when the layers do not share their buffers or x's dtype has no kernel; then call them one by one.
+    The input gradient is one GEMM too; each bias gets its gradient when it requires one."""
+    if x.dtype not in _KERNEL_DTYPES or len({m.bias is None for m in layers}) > 1:
+        return None
+    weight = shared_mxfp4_weight(layers)
+    if weight is None:
+        return None
+    blocks, scales = weight
+    x_mk = x.reshape(-1, layers[0].in_features)  # (M, in)
+    offs = torch.full((1,), x_mk.shape[0], dtype=torch.int32, device=x.device)  # as MXFP4Linear.forward
+    y = MXFP4GroupedLinear.apply(x_mk, blocks, scales, offs)  # (M, N)
+    if layers[0].bias is not None:
+        y = y + torch.cat([m.bias for m in layers]).to(x.dtype)
+    # split, not slicing: its backward concatenates the three gradients into one (M, N) tensor.
+    parts = y.split([m.out_features for m in layers], dim=-1)
+    return [p.view(*x.shape[:-1], p.shape[-1]) for p in parts]
