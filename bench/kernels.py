@@ -359,9 +359,11 @@ def run_mxfp4(seqs, sweep: bool) -> None:
 
 def run_mxfp4_attention(seqs) -> None:
     """The frozen attention projections stored as MXFP4 (`attention_weights: mxfp4`): one group each,
-    forward and input gradient, default tiles and a few smaller ones, against bf16 matmuls; then q, k
+    forward and input gradient, default tiles and a few smaller ones, and W decoded whole then a bf16
+    matmul (`dequantize_mxfp4_fast`, what MXFP4DenseLinear does), against bf16 matmuls; then q, k
     and v as the fast path runs them, one GEMM over the three weights side by side (out 4096 + 512 +
     512), beside the three GEMMs it replaces, as kernels and as layers (bias, split, input gradient)."""
+    from osstune.kernels.mxfp4_dequant import dequantize_mxfp4_fast
     from osstune.kernels.mxfp4_gemm import MXFP4Tiles, mxfp4_grouped_mm, mxfp4_grouped_mm_t
     from osstune.quant.mxfp4 import quantize_mxfp4
 
@@ -388,6 +390,17 @@ def run_mxfp4_attention(seqs) -> None:
                 record("mxfp4", f"bf16 matmul {name}", f"N={n}", ms, flops, None, None)
                 if proj != "qkv fused":
                     totals[n, kind, "bf16 matmul"] = totals.get((n, kind, "bf16 matmul"), 0.0) + times * ms
+                decoded_mm = {"fwd": lambda: x @ dequantize_mxfp4_fast(blocks[0], scales[0]).t(),
+                              "dgrad": lambda: dy @ dequantize_mxfp4_fast(blocks[0], scales[0])}[kind]
+                ms = bench(decoded_mm)
+                record("mxfp4", f"{name} decode + bf16 matmul", f"N={n}", ms, flops, f"bf16 matmul {name}", None)
+                if proj == "qkv fused":
+                    qkv[n, kind, "decode + bf16 matmul", "fused"] = ms
+                else:
+                    totals[n, kind, "decode + bf16 matmul"] = totals.get((n, kind, "decode + bf16 matmul"), 0.0) + times * ms
+                    if proj != "o":
+                        key = (n, kind, "decode + bf16 matmul", "3 GEMMs")
+                        qkv[key] = qkv.get(key, 0.0) + times * ms
                 for tiles in candidates:
                     label = "default" if tiles is None else _tiles_label(tiles)
                     ms = bench(lambda t=tiles: fn(a, blocks, scales, offs, t))

@@ -12,7 +12,10 @@ checkpoint with `osstune export`.
 `MXFP4Linear` holds W (out, in) as the experts do with E = 1: blocks (1, out, in/32, 16) uint8,
 32 e2m1 values per 16 bytes along `in`, and scales (1, out, in/32) uint8 (osstune.quant.mxfp4).
 Its forward is the experts' grouped GEMM over one group (osstune.kernels.mxfp4_gemm): decoded in
-registers on CUDA, one decoded copy at a time on CPU; W gets no gradient, x does.
+registers on CUDA, one decoded copy at a time on CPU; W gets no gradient, x does. From
+DENSE_DECODE_MIN_ROWS rows of bf16 on a GPU (training batches) W is instead decoded whole into a
+temporary bf16 copy in one launch and multiplied by cuBLAS (osstune.kernels.mxfp4_dequant): at
+those row counts that is the faster of the two, for 2 bytes a weight of one projection while it runs.
 
 q, k and v read the same input, so the fast path computes them as one GEMM over their weights side
 by side (out = 4096 + 512 + 512 for gpt-oss-20b; k and v alone, N = 512, fill few of the GEMM's
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from osstune.kernels.mxfp4_dequant import MXFP4DenseLinear
 from osstune.kernels.mxfp4_gemm import MXFP4GroupedLinear, check_scales
 from osstune.quant.mxfp4 import BLOCK, dequantize_mxfp4, quantize_mxfp4
 
@@ -46,6 +50,10 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 QKV_PROJECTIONS = ATTENTION_PROJECTIONS[:3]
 # The grouped GEMM's input dtypes; others (float64 references, float16) decode W and use F.linear.
 _KERNEL_DTYPES = (torch.bfloat16, torch.float32)
+# Rows from which decoding W whole, then a cuBLAS product, beats the GEMM that decodes W in registers
+# once per tile of rows (osstune.kernels.mxfp4_dequant): measured on an H100 at gpt-oss-20b's
+# attention shapes (`python bench/kernels.py --only mxfp4-attention`, docs/QLORA.md).
+DENSE_DECODE_MIN_ROWS = 512
 
 
 class QuantizationError(ValueError):
@@ -120,10 +128,7 @@ class MXFP4Linear(nn.Module):
         """x (..., in) -> (..., out) in x's dtype."""
         x_mk = x.reshape(-1, self.in_features)  # (M, in)
         if x.dtype in _KERNEL_DTYPES:
-            # One group holding every row. Built on the device from the shape: no host sync, so a
-            # CUDA graph can record it (osstune.fast.graphs).
-            offs = torch.full((1,), x_mk.shape[0], dtype=torch.int32, device=x.device)
-            y = MXFP4GroupedLinear.apply(x_mk, self.weight_blocks, self.weight_scales, offs)  # (M, out)
+            y = _mxfp4_product(x_mk, self.weight_blocks, self.weight_scales)  # (M, out)
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)
         else:
@@ -132,6 +137,18 @@ class MXFP4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, mxfp4"
+
+
+def _mxfp4_product(x_mk: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x_mk (M, in) @ W^T, W = blocks (1, out, G, 16) / scales (1, out, G), with autograd for x:
+    from DENSE_DECODE_MIN_ROWS rows of bf16 on a GPU, W decoded whole for a cuBLAS product
+    (MXFP4DenseLinear, a temporary of 2 bytes a weight); else the GEMM that decodes in registers."""
+    if x_mk.is_cuda and x_mk.dtype == torch.bfloat16 and x_mk.shape[0] >= DENSE_DECODE_MIN_ROWS:
+        return MXFP4DenseLinear.apply(x_mk, blocks[0], scales[0])
+    # One group holding every row. Built on the device from the shape: no host sync, so a CUDA graph
+    # can record it (osstune.fast.graphs).
+    offs = torch.full((1,), x_mk.shape[0], dtype=torch.int32, device=x_mk.device)
+    return MXFP4GroupedLinear.apply(x_mk, blocks, scales, offs)
 
 
 def _check_in_features(in_features: int, name: str) -> None:
@@ -301,8 +318,7 @@ def fused_mxfp4_linear(x: torch.Tensor, layers: list[MXFP4Linear]) -> list[torch
         return None
     blocks, scales = weight
     x_mk = x.reshape(-1, layers[0].in_features)  # (M, in)
-    offs = torch.full((1,), x_mk.shape[0], dtype=torch.int32, device=x.device)  # as MXFP4Linear.forward
-    y = MXFP4GroupedLinear.apply(x_mk, blocks, scales, offs)  # (M, N)
+    y = _mxfp4_product(x_mk, blocks, scales)  # (M, N)
     if layers[0].bias is not None:
         y = y + torch.cat([m.bias for m in layers]).to(x.dtype)
     # split, not slicing: its backward concatenates the three gradients into one (M, N) tensor.
