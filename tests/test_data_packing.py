@@ -207,6 +207,10 @@ def test_cache_is_reused_and_keyed_by_content_and_options(tmp_path):
     assert b.path != a.path and len(b) == 2
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == []  # no temporary leftovers
     assert TokenCache.open(a.path).source.endswith("d.jsonl")
+    # The same content under another name hits the entry; its summary names the file asked for.
+    copy = write(tmp_path / "copy.jsonl", [GOOD, GOOD])
+    c = build_cache(copy, root=root)
+    assert c.path == b.path and c.summary.path == str(copy) and b.summary.path == str(path)
 
 
 def test_failed_build_leaves_nothing(tmp_path):

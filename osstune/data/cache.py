@@ -103,7 +103,7 @@ def build_cache(path: str | Path, options: DataOptions = DataOptions(), root: st
     key = cache_key(path, options)
     final = root / key
     if (final / "manifest.json").is_file():
-        return TokenCache.open(final)
+        return _named_for(TokenCache.open(final), path)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
     try:
@@ -116,6 +116,16 @@ def build_cache(path: str | Path, options: DataOptions = DataOptions(), root: st
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TokenCache.open(final)
+
+
+def _named_for(cache: TokenCache, path: str | Path) -> TokenCache:
+    """An entry keyed by content may have been built from a copy of this file elsewhere: its summary
+    (and notes, which begin with the file's name) then speak of `path`, the file asked for."""
+    old, new = cache.summary.path, str(path)
+    if old == new:
+        return cache
+    notes = tuple(new + n[len(old):] if n.startswith(old + ":") else n for n in cache.summary.notes)
+    return dataclasses.replace(cache, summary=dataclasses.replace(cache.summary, path=new, notes=notes))
 
 
 def _write_entry(path: Path, options: DataOptions, key: str, out: Path) -> None:
