@@ -170,7 +170,8 @@ def fast_qkv(attention: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch
     ys = None
     if all(type(b) is MXFP4Linear for b in bases):
         ys = fused_mxfp4_linear(x, bases)
-        if shared_mxfp4_weight(bases) is None:
+        # Only a fallback looks again at why: the fused call already checked the sharing.
+        if ys is None and shared_mxfp4_weight(bases) is None:
             warnings.warn(
                 f"attention layer {attention.layer}: the MXFP4 q/k/v weights no longer share one buffer (moved "
                 "with .to() after enable_fast_path?); they run as three GEMMs. Call enable_fast_path again",
