@@ -1,0 +1,82 @@
+"""The one place that decides how the runner's operations execute: plain-PyTorch references, or our
+kernels with CUDA graphs for decode steps.
+
+`Backend.reference()` is the definition (and what a CPU runs); `Backend.for_device` picks kernels on
+CUDA unless told otherwise. The runner calls only these methods, so which path ran is decided once.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from osstune.model import attention_allowed, sink_attention
+
+if TYPE_CHECKING:
+    from osstune.serve.runner import ModelRunner, StepInputs
+    from osstune.serve.scheduler import SchedulerOutput
+
+
+def write_kv_ref(k, v, k_cache, v_cache, slots) -> None:
+    """k/v (N, K, D) into the caches (num_blocks, block_size, K, D) at flat slots (N,)."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+
+
+def paged_attention_host(q, k_cache, v_cache, sinks, host_seqs, group: str, window: int | None) -> torch.Tensor:
+    """Reference attention over the paged cache, driven by host-side block tables: per request,
+    gather the visible keys by position and run the model's `sink_attention`."""
+    bs = k_cache.shape[1]
+    out = torch.empty_like(q)
+    row = 0
+    for start, n, tables in host_seqs:
+        end = start + n
+        lo = 0 if window is None else max(0, start - window + 1)
+        positions = torch.arange(lo, end)
+        table = torch.tensor(tables[group], dtype=torch.long)
+        blocks = table[positions // bs].to(k_cache.device)
+        offsets = (positions % bs).to(k_cache.device)
+        k = k_cache[blocks, offsets]  # (L, K, D)
+        v = v_cache[blocks, offsets]
+        allowed = attention_allowed(torch.arange(start, end), positions, window).to(q.device)
+        out[row : row + n] = sink_attention(q[row : row + n][None], k[None], v[None], sinks, allowed)[0]
+        row += n
+    return out
+
+
+class Backend:
+    def __init__(self, kernels: bool, cuda_graph_max_batch: int = 0) -> None:
+        self.kernels = kernels
+        self.cuda_graph_max_batch = cuda_graph_max_batch if kernels else 0
+        self.graphs = None  # osstune.serve.graphs.DecodeGraphs, built by the engine after the cache
+
+    @classmethod
+    def for_device(cls, device: torch.device, choice: str = "auto", cuda_graph_max_batch: int = 0) -> Backend:
+        use = choice == "auto" and device.type == "cuda"
+        return cls(use, cuda_graph_max_batch)
+
+    @property
+    def name(self) -> str:
+        return "kernels" if self.kernels else "reference"
+
+    # ---- operations ----
+
+    def write_kv(self, k, v, k_cache, v_cache, slots) -> None:
+        write_kv_ref(k, v, k_cache, v_cache, slots)
+
+    def attention(self, q, k_cache, v_cache, sinks, inp: StepInputs, group: str, window: int | None) -> torch.Tensor:
+        return paged_attention_host(q, k_cache, v_cache, sinks, inp.host_seqs, group, window)
+
+    def experts(self, experts, x, idx, weights) -> torch.Tensor:
+        return experts(x, idx, weights)
+
+    def lora_experts(self, wrapper, x, idx, weights) -> torch.Tensor:
+        return wrapper(x, idx, weights)
+
+    # ---- a whole step ----
+
+    def run(self, runner: ModelRunner, inp: StepInputs, out: SchedulerOutput) -> torch.Tensor:
+        """Logits (B, V) float32 of the sampled rows."""
+        hidden = runner.forward(inp)
+        return runner.logits(hidden, inp.sample_rows)

@@ -1,0 +1,53 @@
+"""Engine options: one frozen dataclass with serving defaults.
+
+Names follow the options users know from other servers (`--max-num-seqs`,
+`--max-num-batched-tokens`, `--gpu-memory-utilization`, `--kv-cache-gb`, `--block-size`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 256  # requests in one step at most
+    # Token budget of one step: decodes take one each, prefills fill the rest in chunks.
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # prompt + output of one request; default the model's context
+    # The KV cache's size: `kv_cache_gb` when given, else this share of the GPU's memory left after
+    # the weights and a profiled step; on a CPU, 1 GiB unless `kv_cache_gb` says otherwise.
+    gpu_memory_utilization: float = 0.90
+    kv_cache_gb: float | None = None
+    num_kv_blocks: int | None = None  # exact block count (tests); overrides both above
+    enable_prefix_caching: bool = True
+    # CUDA graphs for decode-only steps of up to this many sequences (0 turns them off).
+    cuda_graph_max_batch: int = 256
+    kernels: str = "auto"  # "auto": our Triton kernels on CUDA; "reference": plain PyTorch everywhere
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"EngineConfig.{name}={getattr(self, name)!r}: must be {expected}")
+
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise bad("block_size", "one of 8, 16, 32, 64, 128")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise bad(name, "an integer >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise bad("max_model_len", ">= 2")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise bad("gpu_memory_utilization", "in (0, 1]")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise bad("kv_cache_gb", "> 0")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise bad("num_kv_blocks", ">= 2 (block 0 is reserved)")
+        if self.cuda_graph_max_batch < 0:
+            raise bad("cuda_graph_max_batch", ">= 0")
+        if self.kernels not in ("auto", "reference"):
+            raise bad("kernels", "'auto' or 'reference'")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

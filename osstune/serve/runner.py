@@ -1,0 +1,209 @@
+"""The model runner: turns one `SchedulerOutput` into one forward pass over the paged KV cache.
+
+The only part of the engine that touches tensors. The tokens of every scheduled request are laid
+end to end (no padding: a decode is one row, a prefill chunk many), run through the model's own
+modules (its weights, norms, rotary, router and experts) with attention over the paged cache, and
+the rows that end a request's known tokens are sampled.
+
+Cache layout: `k_caches[j]`, `v_caches[j]` (num_blocks, block_size, K, D), one pair per index j;
+the j-th full-attention layer and the j-th sliding-window layer share pair j, so a block id from
+the pool means the same bytes in either group (osstune.serve.kv_blocks). Block 0 is the null
+block: freed sliding entries point there, and padded rows of a CUDA graph write there.
+
+Adapters (LoRA per request): requests are ordered by adapter, so each adapter's tokens are one
+contiguous slice of the batch; a projection adds `LoRALinear.delta` on its slice, the experts of a
+slice run through that adapter's `LoRAExperts`. Base rows pay nothing.
+
+Shape legend: N tokens of the step, S scheduled requests, B sampled rows, H hidden, Q query heads,
+K key/value heads, D head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from osstune.model import GptOss, apply_rotary
+from osstune.serve.adapters import AdapterSet
+from osstune.serve.backend import Backend
+from osstune.serve.kv_blocks import KVGroup
+from osstune.serve.sampling import SamplingBatch, sample
+from osstune.serve.scheduler import SchedulerOutput
+
+FULL, SLIDING = "full", "sliding"
+
+
+def kv_groups(model: GptOss) -> list[KVGroup]:
+    cfg = model.config
+    groups = []
+    if not all(cfg.is_sliding):
+        groups.append(KVGroup(FULL, None))
+    if any(cfg.is_sliding):
+        groups.append(KVGroup(SLIDING, cfg.sliding_window))
+    return groups
+
+
+def kv_bytes_per_block(model: GptOss, block_size: int, dtype: torch.dtype) -> int:
+    cfg = model.config
+    pairs = max(sum(cfg.is_sliding), cfg.num_hidden_layers - sum(cfg.is_sliding))
+    return pairs * 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+@dataclass
+class StepInputs:
+    """One step's tensors, on the model's device."""
+
+    input_ids: torch.Tensor  # (N,) int64
+    positions: torch.Tensor  # (N,) int64
+    slots: dict[str, torch.Tensor]  # group -> (N,) int64 flat cache slot of each token's key/value
+    block_tables: dict[str, torch.Tensor]  # group -> (S, max_blocks) int32
+    seq_lens: torch.Tensor  # (S,) int32 context length after this step
+    cu_seqlens_q: torch.Tensor  # (S+1,) int32
+    max_query_len: int
+    sample_rows: torch.Tensor  # (B,) int64 rows whose logits are sampled
+    adapter_slices: list[tuple[str, int, int]]  # (adapter, first row, end row)
+    # Host copies for the reference attention (CPU tests): per request (start, n, table per group).
+    host_seqs: list[tuple[int, int, dict[str, list[int]]]]
+
+
+class ModelRunner:
+    def __init__(self, model: GptOss, num_blocks: int, block_size: int, backend: Backend, adapters: AdapterSet) -> None:
+        self.model = model
+        self.cfg = model.config
+        self.backend = backend
+        self.adapters = adapters
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.device = model.lm_head.weight.device
+        self.dtype = model.model.embed_tokens.weight.dtype
+        cfg = self.cfg
+        # Layer -> (group, cache pair index).
+        self.layer_slot: list[tuple[str, int]] = []
+        counts = {FULL: 0, SLIDING: 0}
+        for sliding in cfg.is_sliding:
+            g = SLIDING if sliding else FULL
+            self.layer_slot.append((g, counts[g]))
+            counts[g] += 1
+        pairs = max(counts.values())
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(pairs)]
+        self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(pairs)]
+        self.groups = [g.name for g in kv_groups(model)]
+
+    # ---- batch preparation (host) ----
+
+    def prepare(self, out: SchedulerOutput) -> tuple[StepInputs, list[str]]:
+        """Tensors for the step; also the request ids of the sampled rows, in row order."""
+        bs = self.block_size
+        chunks = sorted(out.chunks, key=lambda c: (c.adapter is not None, c.adapter or ""))
+        ids, pos, slots = [], [], {g: [] for g in self.groups}
+        seq_lens, cu, sample_rows, sampled_ids = [], [0], [], []
+        slices: list[tuple[str, int, int]] = []
+        host_seqs = []
+        for c in chunks:
+            n = len(c.token_ids)
+            row0 = len(ids)
+            ids.extend(c.token_ids)
+            positions = range(c.start, c.start + n)
+            pos.extend(positions)
+            for g in self.groups:
+                table = c.tables[g]
+                slots[g].extend(table[p // bs] * bs + p % bs for p in positions)
+            seq_lens.append(c.start + n)
+            cu.append(len(ids))
+            if c.sample:
+                sample_rows.append(len(ids) - 1)
+                sampled_ids.append(c.request_id)
+            if c.adapter is not None:
+                if slices and slices[-1][0] == c.adapter:
+                    slices[-1] = (c.adapter, slices[-1][1], len(ids))
+                else:
+                    slices.append((c.adapter, row0, len(ids)))
+            host_seqs.append((c.start, n, c.tables))
+        width = max(1, max(len(c.tables[g]) for c in chunks for g in self.groups))
+        tables = {}
+        for g in self.groups:
+            rows = [c.tables[g] + [0] * (width - len(c.tables[g])) for c in chunks]
+            tables[g] = torch.tensor(rows, dtype=torch.int32)
+        dev = self.device
+        inputs = StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
+            positions=torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True),
+            slots={g: torch.tensor(s, dtype=torch.long).to(dev, non_blocking=True) for g, s in slots.items()},
+            block_tables={g: t.to(dev, non_blocking=True) for g, t in tables.items()},
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
+            max_query_len=max(len(c.token_ids) for c in chunks),
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long).to(dev, non_blocking=True),
+            adapter_slices=slices,
+            host_seqs=host_seqs,
+        )
+        return inputs, sampled_ids
+
+    # ---- the forward pass ----
+
+    @torch.inference_mode()
+    def forward(self, inp: StepInputs) -> torch.Tensor:
+        """Hidden states (N, H) after the final norm, with every layer's keys/values written."""
+        model, cfg = self.model, self.cfg
+        x = model.model.embed_tokens(inp.input_ids)  # (N, H)
+        n = x.shape[0]
+        cos, sin = model.model.rotary(inp.positions[None])  # (1, N, D/2)
+        for li, layer in enumerate(model.model.layers):
+            group, pair = self.layer_slot[li]
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = self._project_qkv(attn, h, li, inp.adapter_slices)
+            q = apply_rotary(q.view(1, n, cfg.num_attention_heads, cfg.head_dim), cos, sin)[0]  # (N, Q, D)
+            k = apply_rotary(k.view(1, n, cfg.num_key_value_heads, cfg.head_dim), cos, sin)[0]  # (N, K, D)
+            v = v.view(n, cfg.num_key_value_heads, cfg.head_dim)
+            kc, vc = self.k_caches[pair], self.v_caches[pair]
+            self.backend.write_kv(k, v, kc, vc, inp.slots[group])
+            o = self.backend.attention(q, kc, vc, attn.sinks, inp, group, attn.window)  # (N, Q, D)
+            o = o.reshape(n, -1)
+            x = x + self._project(attn.o_proj, o, f"model.layers.{li}.self_attn.o_proj", inp.adapter_slices)
+            h = layer.post_attention_layernorm(x)
+            x = x + self._moe(layer.mlp, h, li, inp.adapter_slices)
+        return model.model.norm(x)
+
+    def _project(self, module, x: torch.Tensor, path: str, slices) -> torch.Tensor:
+        y = module(x)
+        for name, s, e in slices:
+            wrapper = self.adapters.linear(name, path)
+            if wrapper is not None:
+                y[s:e] += wrapper.delta(x[s:e])
+        return y
+
+    def _project_qkv(self, attn, h: torch.Tensor, li: int, slices):
+        p = f"model.layers.{li}.self_attn"
+        return (
+            self._project(attn.q_proj, h, f"{p}.q_proj", slices),
+            self._project(attn.k_proj, h, f"{p}.k_proj", slices),
+            self._project(attn.v_proj, h, f"{p}.v_proj", slices),
+        )
+
+    def _moe(self, mlp, h: torch.Tensor, li: int, slices) -> torch.Tensor:
+        idx, weights = mlp.router(h)  # (N, k)
+        out = self.backend.experts(mlp.experts, h, idx, weights)
+        for name, s, e in slices:
+            wrapper = self.adapters.experts(name, f"model.layers.{li}.mlp.experts")
+            if wrapper is not None:
+                out[s:e] = self.backend.lora_experts(wrapper, h[s:e], idx[s:e], weights[s:e])
+        return out
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden[rows]).float()  # (B, V)
+
+    # ---- one step ----
+
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        """Run the step; returns the sampled token of each request whose chunk ended its known tokens."""
+        inp, sampled_ids = self.prepare(out)
+        logits = self.backend.run(self, inp, out)
+        if not sampled_ids:
+            return {}
+        chunks = {c.request_id: c for c in out.chunks}
+        batch = SamplingBatch.build([chunks[r] for r in sampled_ids], self.device)
+        tokens = sample(logits, batch)
+        return dict(zip(sampled_ids, tokens.tolist()))  # the step's one device-to-host sync
