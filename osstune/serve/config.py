@@ -30,8 +30,8 @@ class EngineConfig:
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"EngineConfig.{name}={getattr(self, name)!r}: must be {expected}")
 
-        if self.block_size not in (8, 16, 32, 64, 128):
-            raise bad("block_size", "one of 8, 16, 32, 64, 128")
+        if self.block_size not in (4, 8, 16, 32, 64, 128):
+            raise bad("block_size", "one of 4, 8, 16, 32, 64, 128")
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, "an integer >= 1")
