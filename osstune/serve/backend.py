@@ -53,8 +53,15 @@ class Backend:
 
     @classmethod
     def for_device(cls, device: torch.device, choice: str = "auto", cuda_graph_max_batch: int = 0) -> Backend:
-        use = choice == "auto" and device.type == "cuda"
-        return cls(use, cuda_graph_max_batch)
+        if choice == "kernels":
+            from osstune.kernels._backend import triton_usable
+
+            if not triton_usable(torch.empty(0, device=device)):
+                raise ValueError(
+                    f"kernels='kernels' needs Triton on {device} (a CUDA GPU, or TRITON_INTERPRET=1 on a CPU)"
+                )
+            return cls(True, cuda_graph_max_batch if device.type == "cuda" else 0)
+        return cls(choice == "auto" and device.type == "cuda", cuda_graph_max_batch)
 
     @property
     def name(self) -> str:
@@ -66,17 +73,34 @@ class Backend:
         write_kv_ref(k, v, k_cache, v_cache, slots)
 
     def attention(self, q, k_cache, v_cache, sinks, inp: StepInputs, group: str, window: int | None) -> torch.Tensor:
-        return paged_attention_host(q, k_cache, v_cache, sinks, inp.host_seqs, group, window)
+        if not self.kernels:
+            return paged_attention_host(q, k_cache, v_cache, sinks, inp.host_seqs, group, window)
+        from osstune.kernels.paged_attention import paged_attention
+
+        return paged_attention(
+            q, k_cache, v_cache, sinks, inp.block_tables[group], inp.seq_lens, inp.cu_seqlens_q,
+            inp.max_query_len, window,
+        )
 
     def experts(self, experts, x, idx, weights) -> torch.Tensor:
-        return experts(x, idx, weights)
+        if not self.kernels:
+            return experts(x, idx, weights)
+        from osstune.fast.hooks import fast_experts
+
+        return fast_experts(experts, x, idx, weights)
 
     def lora_experts(self, wrapper, x, idx, weights) -> torch.Tensor:
-        return wrapper(x, idx, weights)
+        if not self.kernels:
+            return wrapper(x, idx, weights)
+        from osstune.fast.hooks import fast_experts
+
+        return fast_experts(wrapper, x, idx, weights)
 
     # ---- a whole step ----
 
     def run(self, runner: ModelRunner, inp: StepInputs, out: SchedulerOutput) -> torch.Tensor:
         """Logits (B, V) float32 of the sampled rows."""
+        if self.graphs is not None and self.graphs.can_run(inp, out):
+            return self.graphs.run(inp)
         hidden = runner.forward(inp)
         return runner.logits(hidden, inp.sample_rows)

@@ -24,7 +24,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # CUDA graphs for decode-only steps of up to this many sequences (0 turns them off).
     cuda_graph_max_batch: int = 256
-    kernels: str = "auto"  # "auto": our Triton kernels on CUDA; "reference": plain PyTorch everywhere
+    # "auto": our Triton kernels on CUDA, plain PyTorch elsewhere; "reference": plain PyTorch everywhere;
+    # "kernels": the kernel path wherever Triton runs (on a CPU under TRITON_INTERPRET=1: tests).
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -45,8 +47,8 @@ class EngineConfig:
             raise bad("num_kv_blocks", ">= 2 (block 0 is reserved)")
         if self.cuda_graph_max_batch < 0:
             raise bad("cuda_graph_max_batch", ">= 0")
-        if self.kernels not in ("auto", "reference"):
-            raise bad("kernels", "'auto' or 'reference'")
+        if self.kernels not in ("auto", "reference", "kernels"):
+            raise bad("kernels", "'auto', 'reference' or 'kernels'")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -88,6 +88,12 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.backend = Backend.for_device(device, config.kernels, config.cuda_graph_max_batch)
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.backend, self.adapters)
+        if self.backend.cuda_graph_max_batch > 0:
+            from osstune.serve.graphs import DecodeGraphs
+
+            graphs = DecodeGraphs(self.runner, min(self.backend.cuda_graph_max_batch, config.max_num_seqs), self.max_model_len)
+            graphs.capture()
+            self.backend.graphs = graphs
         self._ids = itertools.count()
         self.stats_totals = {"prompt": 0, "generation": 0, "finished": 0}
         report = self.capacity_report(dtype)
@@ -101,9 +107,11 @@ class LLMEngine:
         usable = self.kv.pool.num_blocks - 1
         ctx = min(self.max_model_len, 8192)
         per_seq = self.kv.max_blocks_needed(ctx, 1)
+        graphs = self.backend.graphs
+        captured = f"; decode CUDA graphs for {len(graphs.sizes)} batch sizes up to {graphs.sizes[-1]} ({graphs.capture_s:.1f} s)" if graphs else ""
         return (
             f"osstune engine: KV cache {usable * per_block / _GIB:.2f} GiB in {usable} blocks of {bs} tokens "
-            f"({self.backend.name} path); {usable // per_seq} sequences of {ctx} tokens fit at once; "
+            f"({self.backend.name} path{captured}); {usable // per_seq} sequences of {ctx} tokens fit at once; "
             f"context up to {self.max_model_len} tokens"
         )
 

@@ -20,8 +20,10 @@ K key/value heads, D head dim, V vocabulary.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from osstune.model import GptOss, apply_rotary
@@ -97,47 +99,50 @@ class ModelRunner:
         """Tensors for the step; also the request ids of the sampled rows, in row order."""
         bs = self.block_size
         chunks = sorted(out.chunks, key=lambda c: (c.adapter is not None, c.adapter or ""))
-        ids, pos, slots = [], [], {g: [] for g in self.groups}
-        seq_lens, cu, sample_rows, sampled_ids = [], [0], [], []
-        slices: list[tuple[str, int, int]] = []
-        host_seqs = []
-        for c in chunks:
-            n = len(c.token_ids)
-            row0 = len(ids)
-            ids.extend(c.token_ids)
-            positions = range(c.start, c.start + n)
-            pos.extend(positions)
-            for g in self.groups:
-                table = c.tables[g]
-                slots[g].extend(table[p // bs] * bs + p % bs for p in positions)
-            seq_lens.append(c.start + n)
-            cu.append(len(ids))
-            if c.sample:
-                sample_rows.append(len(ids) - 1)
-                sampled_ids.append(c.request_id)
-            if c.adapter is not None:
-                if slices and slices[-1][0] == c.adapter:
-                    slices[-1] = (c.adapter, slices[-1][1], len(ids))
-                else:
-                    slices.append((c.adapter, row0, len(ids)))
-            host_seqs.append((c.start, n, c.tables))
+        s = len(chunks)
+        lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=s)
+        starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=s)
+        cu = np.zeros(s + 1, dtype=np.int64)
+        np.cumsum(lens, out=cu[1:])
+        n = int(cu[-1])
+        ids = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), dtype=np.int64, count=n)
+        seq_of_row = np.repeat(np.arange(s), lens)  # (N,)
+        pos = starts[seq_of_row] + (np.arange(n) - cu[:-1][seq_of_row])  # (N,)
         width = max(1, max(len(c.tables[g]) for c in chunks for g in self.groups))
-        tables = {}
+        tables, slots = {}, {}
         for g in self.groups:
-            rows = [c.tables[g] + [0] * (width - len(c.tables[g])) for c in chunks]
-            tables[g] = torch.tensor(rows, dtype=torch.int32)
+            t = np.zeros((s, width), dtype=np.int64)
+            for i, c in enumerate(chunks):
+                row = c.tables[g]
+                t[i, : len(row)] = row
+            tables[g] = t
+            slots[g] = t[seq_of_row, pos // bs] * bs + pos % bs
+        sample_idx = [i for i, c in enumerate(chunks) if c.sample]
+        sampled_ids = [chunks[i].request_id for i in sample_idx]
+        slices: list[tuple[str, int, int]] = []
+        for i, c in enumerate(chunks):
+            if c.adapter is None:
+                continue
+            if slices and slices[-1][0] == c.adapter:
+                slices[-1] = (c.adapter, slices[-1][1], int(cu[i + 1]))
+            else:
+                slices.append((c.adapter, int(cu[i]), int(cu[i + 1])))
         dev = self.device
+
+        def put(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(a).to(dtype).to(dev, non_blocking=True)
+
         inputs = StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-            positions=torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True),
-            slots={g: torch.tensor(s, dtype=torch.long).to(dev, non_blocking=True) for g, s in slots.items()},
-            block_tables={g: t.to(dev, non_blocking=True) for g, t in tables.items()},
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev, non_blocking=True),
-            max_query_len=max(len(c.token_ids) for c in chunks),
-            sample_rows=torch.tensor(sample_rows, dtype=torch.long).to(dev, non_blocking=True),
+            input_ids=put(ids, torch.long),
+            positions=put(pos, torch.long),
+            slots={g: put(v, torch.long) for g, v in slots.items()},
+            block_tables={g: put(t, torch.int32) for g, t in tables.items()},
+            seq_lens=put(starts + lens, torch.int32),
+            cu_seqlens_q=put(cu, torch.int32),
+            max_query_len=int(lens.max()),
+            sample_rows=put(cu[1:][sample_idx] - 1, torch.long),
             adapter_slices=slices,
-            host_seqs=host_seqs,
+            host_seqs=[(c.start, len(c.token_ids), c.tables) for c in chunks] if not self.backend.kernels else [],
         )
         return inputs, sampled_ids
 

@@ -183,7 +183,7 @@ class Scheduler:
             request_id=req.request_id,
             token_ids=req.token_ids[start : start + n],
             start=start,
-            tables={g: list(t) for g, t in self.kv.tables(req.request_id).items()},
+            tables=self.kv.tables(req.request_id),  # read by the runner before the next schedule() changes it
             sample=start + n == req.num_tokens,
             params=req.params,
             seed=req.seed,
