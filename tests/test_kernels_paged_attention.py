@@ -241,3 +241,32 @@ def test_bad_inputs_name_the_tensor():
         paged_attention(**{**inputs, "q": inputs["q"][:, :3]})
     with pytest.raises(PagedAttentionInputError, match="window=0"):
         paged_attention(**{**inputs, "window": 0})
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay_reads_new_lengths_and_tables():
+    """Captured once, replayed after the lengths, tables, queries and cache change in place: the call
+    syncs nothing and reads everything on the device (decode at 4k keys: the split-K path)."""
+    _skip_unless_runnable("cuda")
+    case = Case((4000, 700, 33), (1, 1, 1), 64, 8, 64, 16, None)
+    first = _on(_build(case, torch.bfloat16, "cpu", torch.Generator().manual_seed(1)), "cuda", torch.bfloat16)
+    later = _build(Case((3100, 4090, 2), (1, 1, 1), 64, 8, 64, 16, None), torch.bfloat16, "cpu",
+                   torch.Generator().manual_seed(2))
+    tensors = ("q", "k_cache", "v_cache", "sinks", "block_tables", "seq_lens", "cu_seqlens_q")
+    static = {name: first[name].clone() for name in tensors}
+    for name in ("k_cache", "v_cache", "block_tables"):  # room for the later inputs
+        shape = [max(a, b) for a, b in zip(first[name].shape, later[name].shape)]
+        static[name] = torch.zeros(shape, device="cuda", dtype=first[name].dtype)
+    args = dict(max_query_len=1, window=None)
+    paged_attention(**static, **args)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_attention(**static, **args)
+    later_dev = _on(later, "cuda", torch.bfloat16)
+    for name in tensors:
+        static[name].zero_()
+        src = later_dev[name]
+        static[name][tuple(slice(0, n) for n in src.shape)].copy_(src)
+    graph.replay()
+    want = paged_attention_ref(**later)
+    assert _rel_err(out, want) < TOL[("cuda", torch.bfloat16)]

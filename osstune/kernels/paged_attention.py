@@ -105,6 +105,11 @@ def paged_attention(
                                    max_query_len, window, scale)
     from osstune.kernels import _paged_attention_triton as kern  # Triton is imported only when used
 
+    # Rows may be strided (q a view of a fused qkv buffer); elements of a row must be adjacent.
+    # .contiguous() is a no-op on the usual inputs and stays graph-capturable otherwise.
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    sinks, block_tables, seq_lens, cu_seqlens_q = (
+        x.contiguous() for x in (sinks, block_tables, seq_lens, cu_seqlens_q))
     n_tok, n_q, d = q.shape
     n_seq = block_tables.shape[0]
     n_kv = k_cache.shape[2]
@@ -282,6 +287,8 @@ def _check_inputs(q, k_cache, v_cache, sinks, block_tables, seq_lens, cu_seqlens
             raise bad(f"{name} has dtype {x.dtype}; expected torch.int32")
         if x.device != q.device:
             raise bad(f"{name} is on {x.device}, q on {q.device}; keep them on one device")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise bad("k_cache and v_cache need a head dim of stride 1 (the layout (num_blocks, block_size, K, D))")
     if k_cache.device != q.device:
         raise bad(f"k_cache is on {k_cache.device}, q on {q.device}; keep them on one device")
     if max_query_len < 0:
