@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/paged_attention.py            # decode grid + prefill chunks, ~1-2 minutes
     PYTHONPATH=. python bench/paged_attention.py --long     # also batch-1 decode at 32k and 128k keys
+    PYTHONPATH=. python bench/paged_attention.py --sweep    # tile shapes and split counts, a few rows
 
 Q=64, K=8, D=64, block 16, bf16 cache, shuffled physical blocks. Each decode row is captured in a
 CUDA graph and replayed (triton.testing.do_bench_cudagraph: no launch overhead, and a check that the
@@ -104,11 +105,44 @@ def prefill_rows() -> None:
         print(f"{name:>12} mixed: 1 chunk of 512 at 1k + 63 decodes at 2k: {ms * 1e3:.1f} us", flush=True)
 
 
+def sweep() -> None:
+    """Every tile shape on a few rows; the best three of each, to set the defaults from."""
+    import itertools
+
+    rows = [("decode b1 8k", [8192], [1], None), ("decode b16 4k", [4096] * 16, [1] * 16, None),
+            ("decode b64 4k", [4096] * 64, [1] * 64, None), ("decode b256 1k", [1024] * 256, [1] * 256, None),
+            ("decode b64 4k sliding", [4096] * 64, [1] * 64, WINDOW),
+            ("prefill 2048 full", [2048], [2048], None), ("prefill 2048 sliding", [2048], [2048], WINDOW)]
+    for name, lens, queries, window in rows:
+        inputs = make_inputs(lens, queries)
+        decode = max(queries) == 1
+        ms_list = [16] if decode else [64, 128]
+        split_list = [None, 1, 4, 16, 32] if decode else [1]
+        results = []
+        for bm, bn, warps, stages, splits in itertools.product(ms_list, [32, 64, 128], [2, 4, 8], [1, 2, 3], split_list):
+            blocks = PagedAttentionBlocks(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, num_splits=splits)
+            try:
+                ms = time_ms(lambda: paged_attention(*inputs, window, blocks=blocks), graph=decode)
+            except Exception as e:  # a shape the compiler rejects (shared memory): report, go on
+                print(f"  {name}: {blocks} failed: {type(e).__name__}")
+                continue
+            results.append((ms, blocks))
+        results.sort(key=lambda r: r[0])
+        base = kv_bytes(lens, window)
+        print(f"{name}:")
+        for ms, blocks in results[:3]:
+            print(f"  {ms * 1e3:8.1f} us ({base / ms / 1e6:5.0f} GB/s)  {blocks}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--long", action="store_true", help="also batch-1 decode at 32k and 128k keys")
+    parser.add_argument("--sweep", action="store_true", help="try tile shapes and split counts on a few rows")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.sweep:
+        sweep()
+        return
     contexts = [256, 1024, 4096, 8192]
     decode_rows([1, 16, 64, 256], contexts, None)
     decode_rows([1, 64], contexts, WINDOW)

@@ -22,6 +22,46 @@ import triton.language as tl
 
 
 @triton.jit
+def _paged_band(acc, m_i, l_i, q, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt, BS,
+                pos, window, lo, hi, band_lo, band_hi, qk_scale,
+                SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """Online softmax over key tiles [band_lo, band_hi) (band_lo a multiple of BLOCK_N). MASK: the
+    band's tiles hold keys outside [lo, hi) or keys some row must not see."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for j0 in range(band_lo, band_hi, BLOCK_N):
+        offs_n = j0 + tl.arange(0, BLOCK_N)
+        in_blk = offs_n % BS
+        if MASK:
+            key_ok = (offs_n >= lo) & (offs_n < hi)
+            blk = tl.load(table + offs_n // BS, mask=key_ok, other=0).to(tl.int64)
+            k = tl.load(k_base + blk[None, :] * stride_kb + in_blk[None, :] * stride_kt + offs_d[:, None],
+                        mask=key_ok[None, :], other=0.0)  # (D, BN)
+        else:
+            blk = tl.load(table + offs_n // BS).to(tl.int64)
+            k = tl.load(k_base + blk[None, :] * stride_kb + in_blk[None, :] * stride_kt + offs_d[:, None])
+        scores = tl.dot(q, k.to(q.dtype)) * qk_scale  # (BM, BN)
+        if MASK:
+            ok = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] > pos[:, None] - window)
+            scores = tl.where(ok, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_use = m_new
+        if SPLITS > 1 and MASK:
+            # A row may have seen no key of this split yet (m = -inf): keep exp2 off (-inf) - (-inf).
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(scores - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK:
+            v = tl.load(v_base + blk[:, None] * stride_vb + in_blk[:, None] * stride_vt + offs_d[None, :],
+                        mask=key_ok[:, None], other=0.0)  # (BN, D)
+        else:
+            v = tl.load(v_base + blk[:, None] * stride_vb + in_blk[:, None] * stride_vt + offs_d[None, :])
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _paged_attn_fwd(Q, Sinks, Out, LSE, K, V, Tables, SeqLens, CuQ,
                     stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                     stride_tab, BS, window, qk_scale,
@@ -67,29 +107,22 @@ def _paged_attn_fwd(Q, Sinks, Out, LSE, K, V, Tables, SeqLens, CuQ,
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
+    # Keys every row of the tile sees, [lb(p_last), p_first], need no element mask: only the edge
+    # tiles [lo_tile, mid_lo) and [mid_hi, hi) do (as in _attention_triton._key_ranges).
+    mid_lo = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(p_last - window + 1, 0), BLOCK_N) * BLOCK_N, lo_tile), hi)
+    mid_hi = tl.minimum(tl.maximum(((p_first + 1) // BLOCK_N) * BLOCK_N, mid_lo), hi)
     table = Tables + s.to(tl.int64) * stride_tab
-    for j0 in range(start, end, BLOCK_N):
-        offs_n = j0 + tl.arange(0, BLOCK_N)
-        key_ok = (offs_n >= lo) & (offs_n < hi)
-        blk = tl.load(table + offs_n // BS, mask=key_ok, other=0).to(tl.int64)
-        in_blk = offs_n % BS
-        k = tl.load(K + blk[None, :] * stride_kb + in_blk[None, :] * stride_kt + kvh * stride_kh + offs_d[:, None],
-                    mask=key_ok[None, :], other=0.0)  # (D, BN)
-        scores = tl.dot(q, k.to(q.dtype)) * qk_scale  # (BM, BN)
-        ok = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] > pos[:, None] - window)
-        scores = tl.where(ok, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_use = m_new
-        if SPLITS > 1:
-            # A row may have seen no key of this split yet (m = -inf): keep exp2 off (-inf) - (-inf).
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(scores - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + blk[:, None] * stride_vb + in_blk[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
-                    mask=key_ok[:, None], other=0.0)  # (BN, D)
-        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
-        m_i = m_new
+    k_base = K + kvh * stride_kh
+    v_base = V + kvh * stride_vh
+    acc, m_i, l_i = _paged_band(acc, m_i, l_i, q, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt,
+                                BS, pos, window, lo, hi, tl.maximum(start, lo_tile), tl.minimum(end, mid_lo),
+                                qk_scale, SPLITS, HEAD_DIM, BLOCK_N, True)
+    acc, m_i, l_i = _paged_band(acc, m_i, l_i, q, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt,
+                                BS, pos, window, lo, hi, tl.maximum(start, mid_lo), tl.minimum(end, mid_hi),
+                                qk_scale, SPLITS, HEAD_DIM, BLOCK_N, False)
+    acc, m_i, l_i = _paged_band(acc, m_i, l_i, q, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt,
+                                BS, pos, window, lo, hi, tl.maximum(start, mid_hi), end,
+                                qk_scale, SPLITS, HEAD_DIM, BLOCK_N, True)
 
     out_rows = (q_start + tok)[:, None].to(tl.int64) * stride_on + head[:, None] * stride_oh + offs_d[None, :]
     if SPLITS == 1:
