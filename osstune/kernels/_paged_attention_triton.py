@@ -22,8 +22,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _paged_band(acc, m_i, l_i, q, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt, BS,
-                pos, window, lo, hi, band_lo, band_hi, qk_scale,
+def _paged_band(acc, m_i, l_i, q, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt,
+                pos, window, lo, hi, band_lo, band_hi, qk_scale, BS: tl.constexpr,
                 SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):
     """Online softmax over key tiles [band_lo, band_hi) (band_lo a multiple of BLOCK_N). MASK: the
     band's tiles hold keys outside [lo, hi) or keys some row must not see."""
@@ -64,9 +64,9 @@ def _paged_band(acc, m_i, l_i, q, table, k_base, v_base, stride_kb, stride_kt, s
 @triton.jit
 def _paged_attn_fwd(Q, Sinks, Out, LSE, K, V, Tables, SeqLens, CuQ,
                     stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                    stride_tab, BS, window, qk_scale,
+                    stride_tab, window, qk_scale,
                     stride_os, stride_on, stride_oh, stride_ls, stride_ln,
-                    SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BS: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0) // SPLITS
     split = tl.program_id(0) % SPLITS
@@ -115,14 +115,14 @@ def _paged_attn_fwd(Q, Sinks, Out, LSE, K, V, Tables, SeqLens, CuQ,
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
     acc, m_i, l_i = _paged_band(acc, m_i, l_i, q, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt,
-                                BS, pos, window, lo, hi, tl.maximum(start, lo_tile), tl.minimum(end, mid_lo),
-                                qk_scale, SPLITS, HEAD_DIM, BLOCK_N, True)
+                                pos, window, lo, hi, tl.maximum(start, lo_tile), tl.minimum(end, mid_lo),
+                                qk_scale, BS, SPLITS, HEAD_DIM, BLOCK_N, True)
     acc, m_i, l_i = _paged_band(acc, m_i, l_i, q, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt,
-                                BS, pos, window, lo, hi, tl.maximum(start, mid_lo), tl.minimum(end, mid_hi),
-                                qk_scale, SPLITS, HEAD_DIM, BLOCK_N, False)
+                                pos, window, lo, hi, tl.maximum(start, mid_lo), tl.minimum(end, mid_hi),
+                                qk_scale, BS, SPLITS, HEAD_DIM, BLOCK_N, False)
     acc, m_i, l_i = _paged_band(acc, m_i, l_i, q, table, k_base, v_base, stride_kb, stride_kt, stride_vb, stride_vt,
-                                BS, pos, window, lo, hi, tl.maximum(start, mid_hi), end,
-                                qk_scale, SPLITS, HEAD_DIM, BLOCK_N, True)
+                                pos, window, lo, hi, tl.maximum(start, mid_hi), end,
+                                qk_scale, BS, SPLITS, HEAD_DIM, BLOCK_N, True)
 
     out_rows = (q_start + tok)[:, None].to(tl.int64) * stride_on + head[:, None] * stride_oh + offs_d[None, :]
     if SPLITS == 1:

@@ -93,7 +93,8 @@ def paged_attention(
     """q (N, Q, D), k_cache/v_cache (NB, BS, K, D), sinks (Q,), block_tables (S, MB) int32,
     seq_lens (S,) int32, cu_seqlens_q (S + 1,) int32 -> (N, Q, D) in q's dtype.
 
-    max_query_len: a host int >= every sequence's query count (it sizes the grid). window: the
+    max_query_len: a host int >= every sequence's query count (it sizes the grid; queries past it
+    would be left uncomputed, which cannot be checked without a sync). window: the
     sliding-window length, None for full attention. scale: of the scores, default D ** -0.5.
     Where no Triton kernel can run (CPU without TRITON_INTERPRET=1), this is `paged_attention_ref`.
     """
@@ -108,8 +109,9 @@ def paged_attention(
     # Rows may be strided (q a view of a fused qkv buffer); elements of a row must be adjacent.
     # .contiguous() is a no-op on the usual inputs and stays graph-capturable otherwise.
     q = q if q.stride(-1) == 1 else q.contiguous()
-    sinks, block_tables, seq_lens, cu_seqlens_q = (
-        x.contiguous() for x in (sinks, block_tables, seq_lens, cu_seqlens_q))
+    # A table may be a column slice of a wider preallocated one: only its rows need adjacent entries.
+    block_tables = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    sinks, seq_lens, cu_seqlens_q = (x.contiguous() for x in (sinks, seq_lens, cu_seqlens_q))
     n_tok, n_q, d = q.shape
     n_seq = block_tables.shape[0]
     n_kv = k_cache.shape[2]
@@ -122,13 +124,13 @@ def paged_attention(
     splits = blocks.num_splits or _auto_splits(m_tiles * n_seq * n_kv, block_tables.shape[1] * k_cache.shape[1],
                                                blocks.block_n, q.device)
     common = dict(
-        GROUP=group, HEAD_DIM=d, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+        BS=k_cache.shape[1], GROUP=group, HEAD_DIM=d, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
     caches = (
         k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
         *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        k_cache.shape[1], window or _NO_WINDOW, scale * LOG2E,
+        window or _NO_WINDOW, scale * LOG2E,
     )
     grid = (m_tiles * splits, n_seq, n_kv)
     if splits == 1:
