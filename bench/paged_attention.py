@@ -18,6 +18,7 @@ import argparse
 
 import torch
 
+from osstune.kernels.attention import sink_flash_attention
 from osstune.kernels.paged_attention import PagedAttentionBlocks, _auto_splits, default_blocks, paged_attention
 
 N_Q, N_KV, D, BS, WINDOW = 64, 8, 64, 16, 128
@@ -87,15 +88,25 @@ def decode_rows(batches: list[int], contexts: list[int], window: int | None) -> 
 
 
 def prefill_rows() -> None:
-    print("\nprefill chunks: median ms (TFLOP/s)")
-    print(f"{'layer':>12} {'chunk':>6} {'context':>8} {'ms':>9} {'TFLOP/s':>8}")
+    print("\nprefill chunks: median ms (TFLOP/s); 'dense': the training flash kernel's forward on the same")
+    print("keys laid out contiguously (a whole prompt only: it has no cache)")
+    print(f"{'layer':>12} {'chunk':>6} {'context':>8} {'ms':>9} {'TFLOP/s':>8} {'dense ms':>9}")
     for window in (None, WINDOW):
         for chunk, ctx in ((512, 512), (2048, 2048), (512, 8192), (2048, 8192)):
             inputs = make_inputs([ctx], [chunk])
             ms = time_ms(lambda: paged_attention(*inputs, window), graph=False)
             flops = 4 * pairs(ctx, chunk, window) * D * N_Q
             name = f"sliding {WINDOW}" if window else "full"
-            print(f"{name:>12} {chunk:6d} {ctx:8d} {ms:9.3f} {flops / ms / 1e9:8.1f}", flush=True)
+            dense = ""
+            if chunk == ctx:
+                q, k_cache, v_cache, sinks, tables = inputs[:5]
+                slots = tables[0].long()[:, None] * BS + torch.arange(BS, device="cuda")
+                k = k_cache.flatten(0, 1)[slots.flatten()[:ctx]][None]  # (1, T, K, D)
+                v = v_cache.flatten(0, 1)[slots.flatten()[:ctx]][None]
+                with torch.no_grad():
+                    dense_ms = time_ms(lambda: sink_flash_attention(q[None], k, v, sinks, window=window), graph=False)
+                dense = f"{dense_ms:9.3f}"
+            print(f"{name:>12} {chunk:6d} {ctx:8d} {ms:9.3f} {flops / ms / 1e9:8.1f} {dense:>9}", flush=True)
     # A mixed step: one 512-token chunk beside 63 decodes at 2k context.
     lens, queries = [1024] + [2048] * 63, [512] + [1] * 63
     inputs = make_inputs(lens, queries)

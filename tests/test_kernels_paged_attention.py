@@ -205,6 +205,19 @@ def test_split_k_equals_one_pass():
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
 
 
+def test_column_slice_of_a_wider_table():
+    """The engine may pass table[:, :width] of a preallocated table (rows not adjacent)."""
+    _skip_unless_runnable("cpu")
+    case = Case((40, 9), (2, 1), 4, 2, 16, 16, None)
+    inputs = _on(_build(case, torch.float32, "cpu", torch.Generator().manual_seed(9)), "cpu", torch.float32)
+    tables = inputs["block_tables"]
+    wide = torch.full((tables.shape[0], tables.shape[1] + 5), 10**6, dtype=torch.int32)
+    wide[:, : tables.shape[1]] = tables
+    tiles = PagedAttentionBlocks(block_m=16, block_n=16, num_warps=1, num_stages=1, num_splits=1)
+    got = paged_attention(**{**inputs, "block_tables": wide[:, : tables.shape[1]]}, blocks=tiles)
+    torch.testing.assert_close(got, paged_attention(**inputs, blocks=tiles), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_write_kv_cache(device):
     """Rows land at their slots (also across blocks), negative slots write nothing."""
