@@ -70,7 +70,11 @@ class Backend:
     # ---- operations ----
 
     def write_kv(self, k, v, k_cache, v_cache, slots) -> None:
-        write_kv_ref(k, v, k_cache, v_cache, slots)
+        if not self.kernels:
+            return write_kv_ref(k, v, k_cache, v_cache, slots)
+        from osstune.kernels.paged_attention import write_kv_cache
+
+        write_kv_cache(k, v, k_cache, v_cache, slots)
 
     def attention(self, q, k_cache, v_cache, sinks, inp: StepInputs, group: str, window: int | None) -> torch.Tensor:
         if not self.kernels:

@@ -1,0 +1,316 @@
+"""Serving benchmark: osstune's engine against transformers' generate / generate_batch and our own
+reference `osstune.infer.generate`, in the same run, on the same GPU.
+
+gpt-oss shapes with random weights (MXFP4 experts as the checkpoints ship them, bf16 elsewhere);
+greedy decoding with stop tokens ignored, so every request generates exactly its output length.
+Scenarios (each in its own process, so one running out of memory does not end the others):
+
+  batch1       one request: 256-token prompt, 256 new tokens: time to first token, decode tokens/s
+  throughput   N requests of P prompt + O output tokens submitted at once: output tokens/s
+  mixed        prompts 32-4,096 tokens, outputs 16-1,024 (log-uniform, seeded): continuous batching
+               against static batching (the same engine, batches formed and drained whole)
+  ref          osstune.infer.generate batch 1 (the reference model with a growing cache)
+  hf           transformers generate, batch 1 (bf16 experts: transformers decodes MXFP4 to train)
+  hf-batch     transformers generate_batch, 64 requests of 256 + 256 tokens (OOM reported as OOM)
+  profile      a torch.profiler table of one eager decode step at batch 1 (where the time goes)
+
+  python3 bench/serve_throughput.py [--preset gpt-oss-20b] [--only batch1 throughput ...] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VOCAB_SAMPLE = 200000  # ordinary tokens only
+
+
+def _prompts(n: int, lengths, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(lengths, int):
+        lengths = [lengths] * n
+    return [torch.randint(0, VOCAB_SAMPLE, (p,), generator=g).tolist() for p in lengths]
+
+
+def _model(preset: str):
+    import torch
+
+    import osstune
+
+    t0 = time.perf_counter()
+    model = osstune.load_model(preset, device="cuda", packed_experts=True)
+    torch.cuda.synchronize()
+    return model, time.perf_counter() - t0
+
+
+def _engine(model, **kw):
+    from osstune.serve.config import EngineConfig
+    from osstune.serve.engine import LLMEngine
+
+    logs = []
+    eng = LLMEngine(model, EngineConfig(**kw), log=logs.append)
+    return eng, logs[0]
+
+
+def _drain(eng, t_add: dict[str, float]):
+    """Run to completion; per request: first-token time, last-token time, tokens."""
+    import torch
+
+    first, last, count = {}, {}, {}
+    while eng.has_unfinished:
+        outs = eng.step()
+        now = time.perf_counter()
+        for o in outs:
+            if o.new_token_ids:
+                first.setdefault(o.request_id, now)
+                last[o.request_id] = now
+                count[o.request_id] = o.num_output_tokens
+    torch.cuda.synchronize()
+    return first, last, count
+
+
+def run_batch1(args) -> dict:
+    from osstune.serve.types import SamplingParams
+
+    model, load_s = _model(args.preset)
+    eng, report = _engine(model, max_num_seqs=16)
+    params = SamplingParams(max_tokens=256, temperature=0.0, ignore_stop=True)
+    rows = []
+    for rep in range(3):
+        prompt = _prompts(1, 256, seed=rep)[0]
+        t0 = time.perf_counter()
+        rid = eng.add_request(prompt, params)
+        first, last, count = _drain(eng, {})
+        ttft = first[rid] - t0
+        decode = (count[rid] - 1) / (last[rid] - first[rid])
+        rows.append((ttft, decode))
+    ttft, decode = rows[-1]
+    return {"scenario": "batch1", "ttft_ms": ttft * 1e3, "decode_tok_s": decode, "load_s": load_s,
+            "all": rows, "engine": report}
+
+
+def run_throughput(args) -> dict:
+    import torch
+
+    from osstune.serve.types import SamplingParams
+
+    model, _ = _model(args.preset)
+    eng, report = _engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.budget)
+    # Warm-up: compile the prefill shapes outside the timed run.
+    warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_stop=True)
+    for p in _prompts(4, args.prompt, seed=99):
+        eng.add_request(p, warm)
+    _drain(eng, {})
+    params = SamplingParams(max_tokens=args.output, temperature=0.0, ignore_stop=True)
+    prompts = _prompts(args.requests, args.prompt, seed=1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for p in prompts:
+        eng.add_request(p, params)
+    first, last, count = _drain(eng, {})
+    wall = time.perf_counter() - t0
+    out_tokens = sum(count.values())
+    ttfts = sorted(t - t0 for t in first.values())
+    return {"scenario": "throughput", "requests": args.requests, "prompt": args.prompt, "output": args.output,
+            "wall_s": wall, "output_tok_s": out_tokens / wall,
+            "total_tok_s": (out_tokens + args.requests * args.prompt) / wall,
+            "ttft_p50_s": ttfts[len(ttfts) // 2], "preempted": eng.stats().num_preempted_total,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "engine": report}
+
+
+def run_mixed(args) -> dict:
+    import torch
+
+    from osstune.serve.types import SamplingParams
+
+    model, _ = _model(args.preset)
+    eng, report = _engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.budget)
+    rng = random.Random(7)
+    n = args.mixed_requests
+    lens = [int(math.exp(rng.uniform(math.log(32), math.log(4096)))) for _ in range(n)]
+    outs = [int(math.exp(rng.uniform(math.log(16), math.log(1024)))) for _ in range(n)]
+    prompts = _prompts(n, lens, seed=3)
+    total_out = sum(outs)
+    warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_stop=True)
+    eng.add_request(prompts[0], warm)
+    _drain(eng, {})
+
+    def params(o):
+        return SamplingParams(max_tokens=o, temperature=0.0, ignore_stop=True)
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for p, o in zip(prompts, outs):
+        eng.add_request(p, params(o))
+    _drain(eng, {})
+    continuous = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    b = args.max_num_seqs
+    for i in range(0, n, b):
+        for p, o in zip(prompts[i : i + b], outs[i : i + b]):
+            eng.add_request(p, params(o))
+        _drain(eng, {})
+    static = time.perf_counter() - t0
+    return {"scenario": "mixed", "requests": n, "output_tokens": total_out,
+            "continuous_tok_s": total_out / continuous, "static_tok_s": total_out / static,
+            "gain": static / continuous, "engine": report}
+
+
+def run_ref(args) -> dict:
+    import torch
+
+    from osstune.infer.generate import generate
+
+    model, _ = _model(args.preset)
+    prompt = _prompts(1, 256, seed=0)[0]
+    generate(model, prompt, max_new_tokens=4, stop_tokens=())
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = 32
+    generate(model, prompt, max_new_tokens=n, stop_tokens=())
+    torch.cuda.synchronize()
+    return {"scenario": "ref", "decode_tok_s": n / (time.perf_counter() - t0)}
+
+
+def _hf_model(preset: str):
+    import torch
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from osstune.config import PRESETS
+
+    c = PRESETS[preset]
+    hc = GptOssConfig(num_hidden_layers=c.num_hidden_layers, num_local_experts=c.num_local_experts,
+                      vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                      head_dim=c.head_dim, num_attention_heads=c.num_attention_heads,
+                      num_key_value_heads=c.num_key_value_heads, sliding_window=c.sliding_window,
+                      max_position_embeddings=c.max_position_embeddings)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = GptOssForCausalLM(hc)
+        torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def run_hf(args) -> dict:
+    import torch
+
+    model = _hf_model(args.preset)
+    ids = torch.tensor([_prompts(1, 256, seed=0)[0]], device="cuda")
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
+    torch.cuda.synchronize()
+    n = 64
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+    torch.cuda.synchronize()
+    return {"scenario": "hf", "decode_tok_s": n / (time.perf_counter() - t0)}
+
+
+def run_hf_batch(args) -> dict:
+    import torch
+    from transformers import GenerationConfig
+
+    model = _hf_model(args.preset)
+    prompts = _prompts(64, 256, seed=1)
+    cfg = GenerationConfig(max_new_tokens=256, do_sample=False, eos_token_id=None, pad_token_id=0)
+    t0 = time.perf_counter()
+    try:
+        out = model.generate_batch(inputs=prompts, generation_config=cfg)
+    except torch.OutOfMemoryError:
+        return {"scenario": "hf-batch", "result": "out of memory",
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o.generated_tokens) for o in out.values())
+    return {"scenario": "hf-batch", "output_tok_s": tokens / wall, "requests": len(out)}
+
+
+def run_profile(args) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from osstune.serve.types import SamplingParams
+
+    model, _ = _model(args.preset)
+    eng, _ = _engine(model, max_num_seqs=16, cuda_graph_max_batch=0)
+    eng.add_request(_prompts(1, 256, seed=0)[0], SamplingParams(max_tokens=40, temperature=0.0, ignore_stop=True))
+    for _ in range(8):
+        eng.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            eng.step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    path = Path(args.out) / f"profile_{args.preset}.txt"
+    path.write_text(table)
+    eng.shutdown()
+    return {"scenario": "profile", "table": str(path), "top": table.splitlines()[:30]}
+
+
+SCENARIOS = {"batch1": run_batch1, "throughput": run_throughput, "mixed": run_mixed, "ref": run_ref,
+             "hf": run_hf, "hf-batch": run_hf_batch, "profile": run_profile}
+
+
+def _worker(name: str, args, q) -> None:
+    try:
+        q.put(SCENARIOS[name](args))
+    except Exception as e:  # noqa: BLE001 - reported in the table, the other scenarios go on
+        q.put({"scenario": name, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="gpt-oss-20b")
+    ap.add_argument("--only", nargs="+", default=["batch1", "throughput", "mixed", "ref", "hf", "hf-batch"],
+                    choices=list(SCENARIOS))
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--prompt", type=int, default=1024)
+    ap.add_argument("--output", type=int, default=512)
+    ap.add_argument("--mixed-requests", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--budget", type=int, default=8192, help="max_num_batched_tokens")
+    ap.add_argument("--timeout", type=float, default=400)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    results = []
+    for name in args.only:
+        q = ctx.Queue()
+        p = ctx.Process(target=_worker, args=(name, args, q))
+        t0 = time.perf_counter()
+        p.start()
+        p.join(args.timeout)
+        if p.is_alive():
+            p.kill()
+            r = {"scenario": name, "error": f"timed out after {args.timeout:.0f} s"}
+        else:
+            r = q.get() if not q.empty() else {"scenario": name, "error": f"exit code {p.exitcode}"}
+        r["seconds"] = time.perf_counter() - t0
+        results.append(r)
+        print(json.dumps(r, default=str)[:3000], flush=True)
+    (Path(args.out) / f"serve_{args.preset}.json").write_text(json.dumps(results, indent=1, default=str))
+    import torch
+
+    print(f"\n{args.preset}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for r in results:
+        keys = [k for k in ("decode_tok_s", "ttft_ms", "output_tok_s", "continuous_tok_s", "static_tok_s", "gain",
+                            "result", "error") if k in r]
+        print(f"{r['scenario']:>11}: " + ", ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}"
+                                              for k in keys) + f"  ({r['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
