@@ -44,15 +44,52 @@ def _prompts(n: int, lengths, seed: int):
     return [torch.randint(0, VOCAB_SAMPLE, (p,), generator=g).tolist() for p in lengths]
 
 
-def _model(preset: str):
+def _sync() -> None:
     import torch
 
-    import osstune
+    if torch.cuda.is_available():
+        _sync()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _model(preset: str):
+    """The preset's shape with random weights drawn on the GPU (seconds; drawing 21B values on the host
+    takes minutes): bf16 matrices normal(0, 0.02), zero biases, unit norms; MXFP4 experts as random
+    codes with scales near 2**-6 (weights of the same magnitude)."""
+    import torch
+
+    from osstune.config import PRESETS
+    from osstune.model import GptOss, Rotary
 
     t0 = time.perf_counter()
-    model = osstune.load_model(preset, device="cuda", packed_experts=True)
-    torch.cuda.synchronize()
-    return model, time.perf_counter() - t0
+    cfg = PRESETS[preset].replace(expert_format="mxfp4")
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("meta"):
+        model = GptOss(cfg)
+    torch.set_default_dtype(torch.float32)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: checking the script on tiny
+    model.to_empty(device=dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias") and "router" not in name:
+                p.zero_()
+            else:
+                p.normal_(0.0, cfg.initializer_range, generator=gen)
+        for name, b in model.named_buffers():
+            if name.endswith("_blocks"):
+                b.copy_(torch.randint(0, 256, b.shape, generator=gen, device=dev, dtype=torch.uint8))
+            elif name.endswith("_scales"):
+                b.copy_(torch.randint(118, 125, b.shape, generator=gen, device=dev, dtype=torch.uint8))
+    model.model.rotary = Rotary(cfg).to(dev)
+    _sync()
+    log(f"{preset} built on the GPU in {time.perf_counter() - t0:.1f} s")
+    return model.eval(), time.perf_counter() - t0
 
 
 def _engine(model, **kw):
@@ -60,7 +97,9 @@ def _engine(model, **kw):
     from osstune.serve.engine import LLMEngine
 
     logs = []
+    t0 = time.perf_counter()
     eng = LLMEngine(model, EngineConfig(**kw), log=logs.append)
+    log(f"engine ready in {time.perf_counter() - t0:.1f} s: {logs[0]}")
     return eng, logs[0]
 
 
@@ -77,7 +116,7 @@ def _drain(eng, t_add: dict[str, float]):
                 first.setdefault(o.request_id, now)
                 last[o.request_id] = now
                 count[o.request_id] = o.num_output_tokens
-    torch.cuda.synchronize()
+    _sync()
     return first, last, count
 
 
@@ -86,9 +125,10 @@ def run_batch1(args) -> dict:
 
     model, load_s = _model(args.preset)
     eng, report = _engine(model, max_num_seqs=16)
-    params = SamplingParams(max_tokens=256, temperature=0.0, ignore_stop=True)
+    params = SamplingParams(max_tokens=args.b1_new, temperature=0.0, ignore_stop=True)
     rows = []
     for rep in range(3):
+        log(f"batch1 repetition {rep}")
         prompt = _prompts(1, 256, seed=rep)[0]
         t0 = time.perf_counter()
         rid = eng.add_request(prompt, params)
@@ -115,7 +155,8 @@ def run_throughput(args) -> dict:
     _drain(eng, {})
     params = SamplingParams(max_tokens=args.output, temperature=0.0, ignore_stop=True)
     prompts = _prompts(args.requests, args.prompt, seed=1)
-    torch.cuda.synchronize()
+    _sync()
+    log("throughput: timed run")
     t0 = time.perf_counter()
     for p in prompts:
         eng.add_request(p, params)
@@ -127,7 +168,7 @@ def run_throughput(args) -> dict:
             "wall_s": wall, "output_tok_s": out_tokens / wall,
             "total_tok_s": (out_tokens + args.requests * args.prompt) / wall,
             "ttft_p50_s": ttfts[len(ttfts) // 2], "preempted": eng.stats().num_preempted_total,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "engine": report}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0, "engine": report}
 
 
 def run_mixed(args) -> dict:
@@ -150,7 +191,7 @@ def run_mixed(args) -> dict:
     def params(o):
         return SamplingParams(max_tokens=o, temperature=0.0, ignore_stop=True)
 
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     for p, o in zip(prompts, outs):
         eng.add_request(p, params(o))
@@ -176,11 +217,11 @@ def run_ref(args) -> dict:
     model, _ = _model(args.preset)
     prompt = _prompts(1, 256, seed=0)[0]
     generate(model, prompt, max_new_tokens=4, stop_tokens=())
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     n = 32
     generate(model, prompt, max_new_tokens=n, stop_tokens=())
-    torch.cuda.synchronize()
+    _sync()
     return {"scenario": "ref", "decode_tok_s": n / (time.perf_counter() - t0)}
 
 
@@ -210,11 +251,11 @@ def run_hf(args) -> dict:
     ids = torch.tensor([_prompts(1, 256, seed=0)[0]], device="cuda")
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
-    torch.cuda.synchronize()
+    _sync()
     n = 64
     t0 = time.perf_counter()
     model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
-    torch.cuda.synchronize()
+    _sync()
     return {"scenario": "hf", "decode_tok_s": n / (time.perf_counter() - t0)}
 
 
@@ -247,11 +288,11 @@ def run_profile(args) -> dict:
     eng.add_request(_prompts(1, 256, seed=0)[0], SamplingParams(max_tokens=40, temperature=0.0, ignore_stop=True))
     for _ in range(8):
         eng.step()
-    torch.cuda.synchronize()
+    _sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             eng.step()
-        torch.cuda.synchronize()
+        _sync()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     path = Path(args.out) / f"profile_{args.preset}.txt"
     path.write_text(table)
@@ -275,6 +316,7 @@ def main() -> None:
     ap.add_argument("--preset", default="gpt-oss-20b")
     ap.add_argument("--only", nargs="+", default=["batch1", "throughput", "mixed", "ref", "hf", "hf-batch"],
                     choices=list(SCENARIOS))
+    ap.add_argument("--b1-new", type=int, default=256, help="new tokens of the batch-1 request")
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--output", type=int, default=512)
@@ -304,7 +346,8 @@ def main() -> None:
     (Path(args.out) / f"serve_{args.preset}.json").write_text(json.dumps(results, indent=1, default=str))
     import torch
 
-    print(f"\n{args.preset}, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"\n{args.preset}, {gpu}, torch {torch.__version__}")
     for r in results:
         keys = [k for k in ("decode_tok_s", "ttft_ms", "output_tok_s", "continuous_tok_s", "static_tok_s", "gain",
                             "result", "error") if k in r]
