@@ -19,7 +19,7 @@ import argparse
 import torch
 
 from osstune.kernels.attention import sink_flash_attention
-from osstune.kernels.paged_attention import PagedAttentionBlocks, _auto_splits, default_blocks, paged_attention
+from osstune.kernels.paged_attention import PagedAttentionBlocks, _auto_splits, paged_attention
 
 N_Q, N_KV, D, BS, WINDOW = 64, 8, 64, 16, 128
 
@@ -80,8 +80,8 @@ def decode_rows(batches: list[int], contexts: list[int], window: int | None) -> 
             for blocks in (PagedAttentionBlocks(num_splits=1), None):
                 ms = time_ms(lambda: paged_attention(*inputs, window, blocks=blocks), graph=True)
                 cells.append(f"{ms * 1e3:8.1f} ({nbytes / ms / 1e6:6.0f})")
-            auto = default_blocks(1, N_Q // N_KV)
-            splits = _auto_splits(b * N_KV, inputs[4].shape[1] * BS, auto.block_n, torch.device("cuda"))
+            splits = _auto_splits(b * N_KV, inputs[4].shape[1] * BS, PagedAttentionBlocks().decode_n,
+                                  torch.device("cuda"))
             print(f"{b:6d} {ctx:8d} {cells[0]:>18} {cells[1]:>18} {splits:7d}", flush=True)
             del inputs
             torch.cuda.empty_cache()
@@ -127,11 +127,14 @@ def sweep() -> None:
     for name, lens, queries, window in rows:
         inputs = make_inputs(lens, queries)
         decode = max(queries) == 1
-        ms_list = [16] if decode else [64, 128]
-        split_list = [None, 1, 4, 16, 32] if decode else [1]
         results = []
-        for bm, bn, warps, stages, splits in itertools.product(ms_list, [32, 64, 128], [2, 4, 8], [1, 2, 3], split_list):
-            blocks = PagedAttentionBlocks(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, num_splits=splits)
+        if decode:
+            shapes = [PagedAttentionBlocks(decode_n=bn, decode_warps=w, decode_stages=st, num_splits=sp)
+                      for bn, w, st, sp in itertools.product([32, 64, 128], [2, 4, 8], [1, 2, 3], [None, 1, 4, 16, 32])]
+        else:
+            shapes = [PagedAttentionBlocks(prefill_m=bm, prefill_n=bn, prefill_warps=w, prefill_stages=st)
+                      for bm, bn, w, st in itertools.product([64, 128], [32, 64, 128], [4, 8], [1, 2, 3])]
+        for blocks in shapes:
             try:
                 ms = time_ms(lambda: paged_attention(*inputs, window, blocks=blocks), graph=decode)
             except Exception as e:  # a shape the compiler rejects (shared memory): report, go on

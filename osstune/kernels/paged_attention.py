@@ -49,31 +49,25 @@ class PagedAttentionInputError(ValueError):
 
 @dataclass(frozen=True)
 class PagedAttentionBlocks:
-    """Tile sizes and launch shape (tuning only; every choice computes the same function).
+    """Tile sizes and launch shapes (tuning only; every choice computes the same function).
 
-    block_m: rows of a query tile, a row being one (query token, query head of the kv head's group)
-    pair: the G heads of a group share the K/V loads. block_n: keys per inner step (a power of two
-    >= 16; it may span several cache blocks or part of one). num_splits: programs per (sequence, kv
-    head, query tile) over the keys (split-K); None picks it from the grid size and the table width.
+    A tile row is one (query token, query head of the kv head's group) pair: the G heads of a group
+    share the K/V loads. Sequences whose n * G rows fit `decode_m` (decodes) run in the decode launch,
+    with split-K over `num_splits` programs per (sequence, kv head) (None: picked from the grid size
+    and the table width); the others (prefill chunks) in the prefill launch with `prefill_m`-row
+    tiles (None: 64 or 128 by max_query_len). *_n: keys per inner step, a power of two >= 16 (it
+    may span several cache blocks or part of one).
     """
 
-    block_m: int = 16
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
+    decode_m: int = 16
+    decode_n: int = 64
+    decode_warps: int = 4
+    decode_stages: int = 2
     num_splits: int | None = None
-
-
-_DECODE = PagedAttentionBlocks(block_m=16, block_n=64, num_warps=4, num_stages=2)
-_PREFILL = PagedAttentionBlocks(block_m=128, block_n=64, num_warps=4, num_stages=2, num_splits=1)
-
-
-def default_blocks(max_query_len: int, group: int) -> PagedAttentionBlocks:
-    if max_query_len * group <= 16:
-        return _DECODE
-    if max_query_len * group <= 64:
-        return PagedAttentionBlocks(block_m=64, block_n=64, num_warps=4, num_stages=2, num_splits=1)
-    return _PREFILL
+    prefill_m: int | None = None
+    prefill_n: int = 64
+    prefill_warps: int = 4
+    prefill_stages: int = 2
 
 
 def paged_attention(
@@ -119,32 +113,44 @@ def paged_attention(
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if n_tok == 0 or n_seq == 0 or max_query_len == 0:
         return out
-    blocks = blocks or default_blocks(max_query_len, group)
-    m_tiles = math.ceil(max_query_len * group / blocks.block_m)
-    splits = blocks.num_splits or _auto_splits(m_tiles * n_seq * n_kv, block_tables.shape[1] * k_cache.shape[1],
-                                               blocks.block_n, q.device)
-    common = dict(
-        BS=k_cache.shape[1], GROUP=group, HEAD_DIM=d, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-    )
-    caches = (
+    blocks = blocks or PagedAttentionBlocks()
+    kernel_args = (
         k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
         *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         window or _NO_WINDOW, scale * LOG2E,
     )
-    grid = (m_tiles * splits, n_seq, n_kv)
+    common = dict(BS=k_cache.shape[1], GROUP=group, HEAD_DIM=d)
+    decode_rows = blocks.decode_m  # a sequence of at most this many rows is a decode (one tile)
+
+    # Decode launch: sequences of 1..decode_m rows, one tile each, split-K over the keys.
+    splits = blocks.num_splits or _auto_splits(n_seq * n_kv, block_tables.shape[1] * k_cache.shape[1],
+                                               blocks.decode_n, q.device)
+    tiles = dict(BLOCK_M=blocks.decode_m, BLOCK_N=blocks.decode_n, num_warps=blocks.decode_warps,
+                 num_stages=blocks.decode_stages)
+    grid = (splits, n_seq, n_kv)
     if splits == 1:
-        kern._paged_attn_fwd[grid](q, sinks, out, out, *caches, 0, *out.stride()[:2], 0, 0, SPLITS=1, **common)
+        kern._paged_attn_fwd[grid](q, sinks, out, out, *kernel_args, 0, *out.stride()[:2], 0, 0, 0, decode_rows,
+                                   SPLITS=1, **common, **tiles)
+    else:
+        # Partials per (split, query token, query head): normalised output and log2-sum-exp, float32.
+        part_o = torch.empty(splits, n_tok, n_q, d, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(splits, n_tok, n_q, device=q.device, dtype=torch.float32)
+        kern._paged_attn_fwd[grid](q, sinks, part_o, part_lse, *kernel_args, *part_o.stride()[:3],
+                                   *part_lse.stride()[:2], 0, decode_rows, SPLITS=splits, **common, **tiles)
+        kern._paged_attn_merge[(n_seq, n_kv)](
+            part_o, part_lse, sinks, out, cu_seqlens_q, *part_o.stride()[:3], *part_lse.stride()[:2],
+            *out.stride()[:2], decode_rows, SPLITS=splits, GROUP=group, HEAD_DIM=d, BLOCK_M=blocks.decode_m,
+            num_warps=4,
+        )
+    if max_query_len * group <= decode_rows:
         return out
-    # Partials per (split, query token, query head): normalised output and log2-sum-exp, float32.
-    part_o = torch.empty(splits, n_tok, n_q, d, device=q.device, dtype=torch.float32)
-    part_lse = torch.empty(splits, n_tok, n_q, device=q.device, dtype=torch.float32)
-    kern._paged_attn_fwd[grid](q, sinks, part_o, part_lse, *caches, *part_o.stride()[:3], *part_lse.stride()[:2],
-                               SPLITS=splits, **common)
-    kern._paged_attn_merge[(n_tok, n_q)](
-        part_o, part_lse, sinks, out, cu_seqlens_q, n_seq, *part_o.stride()[:3], *part_lse.stride()[:2],
-        *out.stride()[:2], SPLITS=splits, BLOCK_P=_next_pow2(splits), HEAD_DIM=d, num_warps=1,
-    )
+
+    # Prefill launch: sequences of more rows, in large tiles, one pass over the keys.
+    block_m = blocks.prefill_m or (64 if max_query_len * group <= 64 else 128)
+    grid = (math.ceil(max_query_len * group / block_m), n_seq, n_kv)
+    kern._paged_attn_fwd[grid](q, sinks, out, out, *kernel_args, 0, *out.stride()[:2], 0, 0, decode_rows, 1 << 30,
+                               SPLITS=1, BLOCK_M=block_m, BLOCK_N=blocks.prefill_n, num_warps=blocks.prefill_warps,
+                               num_stages=blocks.prefill_stages, **common)
     return out
 
 
