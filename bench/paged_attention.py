@@ -144,8 +144,11 @@ def sweep() -> None:
         results.sort(key=lambda r: r[0])
         base = kv_bytes(lens, window)
         print(f"{name}:")
-        for ms, blocks in results[:3]:
-            print(f"  {ms * 1e3:8.1f} us ({base / ms / 1e6:5.0f} GB/s)  {blocks}", flush=True)
+        for ms, b in results[:3]:
+            shape = (f"decode_n={b.decode_n} warps={b.decode_warps} stages={b.decode_stages} splits={b.num_splits}"
+                     if decode else f"prefill_m={b.prefill_m} prefill_n={b.prefill_n} warps={b.prefill_warps} "
+                     f"stages={b.prefill_stages}")
+            print(f"  {ms * 1e3:9.1f} us ({base / ms / 1e6:5.0f} GB/s)  {shape}", flush=True)
 
 
 def main() -> None:
