@@ -19,7 +19,7 @@ import argparse
 import torch
 
 from osstune.kernels.attention import sink_flash_attention
-from osstune.kernels.paged_attention import PagedAttentionBlocks, _auto_splits, paged_attention
+from osstune.kernels.paged_attention import PagedAttentionBlocks, decode_splits, paged_attention
 
 N_Q, N_KV, D, BS, WINDOW = 64, 8, 64, 16, 128
 
@@ -80,8 +80,7 @@ def decode_rows(batches: list[int], contexts: list[int], window: int | None) -> 
             for blocks in (PagedAttentionBlocks(num_splits=1), None):
                 ms = time_ms(lambda: paged_attention(*inputs, window, blocks=blocks), graph=True)
                 cells.append(f"{ms * 1e3:8.1f} ({nbytes / ms / 1e6:6.0f})")
-            splits = _auto_splits(b * N_KV, inputs[4].shape[1] * BS, PagedAttentionBlocks().decode_n,
-                                  torch.device("cuda"))
+            splits = decode_splits(b, N_KV, inputs[4].shape[1] * BS, window, PagedAttentionBlocks(), torch.device("cuda"))
             print(f"{b:6d} {ctx:8d} {cells[0]:>18} {cells[1]:>18} {splits:7d}", flush=True)
             del inputs
             torch.cuda.empty_cache()

@@ -123,8 +123,8 @@ def paged_attention(
     decode_rows = blocks.decode_m  # a sequence of at most this many rows is a decode (one tile)
 
     # Decode launch: sequences of 1..decode_m rows, one tile each, split-K over the keys.
-    splits = blocks.num_splits or _auto_splits(n_seq * n_kv, block_tables.shape[1] * k_cache.shape[1],
-                                               blocks.decode_n, q.device)
+    splits = blocks.num_splits or decode_splits(n_seq, n_kv, block_tables.shape[1] * k_cache.shape[1], window,
+                                                blocks, q.device)
     tiles = dict(BLOCK_M=blocks.decode_m, BLOCK_N=blocks.decode_n, num_warps=blocks.decode_warps,
                  num_stages=blocks.decode_stages)
     grid = (splits, n_seq, n_kv)
@@ -244,16 +244,22 @@ def write_kv_cache_ref(
     v_cache.view(nb * bs, n_kv, d)[slots] = v[keep].to(v_cache.dtype)
 
 
-def _auto_splits(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
-    """Splits that bring the grid to about two waves, each split keeping >= 4 key tiles of work.
+def decode_splits(n_seq: int, n_kv: int, max_keys: int, window: int | None, blocks: PagedAttentionBlocks,
+                  device: torch.device) -> int:
+    """Split-K programs per (sequence, kv head) of the decode launch: enough to bring the grid to
+    about two waves of SMs, each split keeping >= 4 key tiles of the longest possible context.
 
-    Decided from host ints only (graph-safe): the table width bounds the context; each program reads
-    the real length on the device and takes its share, so a short sequence's extra splits are empty.
+    Decided from host ints only (graph-safe): the table width (max_keys) bounds the context, a window
+    bounds it further; each program reads the real length on the device and takes its share, so a
+    short sequence's extra splits are empty.
     """
     target = 2 * _sm_count(device)
+    programs = n_seq * n_kv
     if programs >= target or device.type != "cuda":
         return 1
-    by_len = max(1, max_keys // (4 * block_n))
+    if window is not None:  # a decode row reads at most its window
+        max_keys = min(max_keys, window + blocks.decode_m)
+    by_len = max(1, max_keys // (4 * blocks.decode_n))
     return max(1, min(math.ceil(target / programs), by_len, 64))
 
 
