@@ -80,7 +80,8 @@ def decode_rows(batches: list[int], contexts: list[int], window: int | None) -> 
             for blocks in (PagedAttentionBlocks(num_splits=1), None):
                 ms = time_ms(lambda: paged_attention(*inputs, window, blocks=blocks), graph=True)
                 cells.append(f"{ms * 1e3:8.1f} ({nbytes / ms / 1e6:6.0f})")
-            splits = decode_splits(b, N_KV, inputs[4].shape[1] * BS, window, PagedAttentionBlocks(), torch.device("cuda"))
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            splits = decode_splits(b, N_KV, inputs[4].shape[1] * BS, window, PagedAttentionBlocks(), sms)
             print(f"{b:6d} {ctx:8d} {cells[0]:>18} {cells[1]:>18} {splits:7d}", flush=True)
             del inputs
             torch.cuda.empty_cache()

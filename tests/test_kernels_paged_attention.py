@@ -23,6 +23,7 @@ from osstune.kernels._backend import triton_interpreter_problem
 
 from osstune.kernels.paged_attention import (
     PagedAttentionBlocks,
+    decode_splits,
     PagedAttentionInputError,
     paged_attention,
     paged_attention_ref,
@@ -220,6 +221,18 @@ def test_column_slice_of_a_wider_table():
     tiles = _tiny_blocks(num_splits=1)
     got = paged_attention(**{**inputs, "block_tables": wide[:, : tables.shape[1]]}, blocks=tiles)
     torch.testing.assert_close(got, paged_attention(**inputs, blocks=tiles), rtol=0, atol=0)
+
+
+def test_decode_splits():
+    """Split-K only while the grid is under two waves; each split keeps >= 4 key tiles of the longest
+    context the table allows; a window bounds that context."""
+    blocks = PagedAttentionBlocks()  # 64-key tiles
+    assert decode_splits(1, 8, 8192, None, blocks, sm_count=132) == 32  # 8192 keys / (4 * 64)
+    assert decode_splits(1, 8, 131072, None, blocks, sm_count=132) == 33  # 264 programs / 8
+    assert decode_splits(16, 8, 131072, None, blocks, sm_count=132) == 3
+    assert decode_splits(64, 8, 131072, None, blocks, sm_count=132) == 1
+    assert decode_splits(1, 8, 131072, 128, blocks, sm_count=132) == 1  # at most 144 keys: under 4 tiles in all
+    assert decode_splits(1, 8, 200, None, blocks, sm_count=132) == 1
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -124,7 +124,7 @@ def paged_attention(
 
     # Decode launch: sequences of 1..decode_m rows, one tile each, split-K over the keys.
     splits = blocks.num_splits or decode_splits(n_seq, n_kv, block_tables.shape[1] * k_cache.shape[1], window,
-                                                blocks, q.device)
+                                                blocks, _sm_count(q.device))
     tiles = dict(BLOCK_M=blocks.decode_m, BLOCK_N=blocks.decode_n, num_warps=blocks.decode_warps,
                  num_stages=blocks.decode_stages)
     grid = (splits, n_seq, n_kv)
@@ -245,7 +245,7 @@ def write_kv_cache_ref(
 
 
 def decode_splits(n_seq: int, n_kv: int, max_keys: int, window: int | None, blocks: PagedAttentionBlocks,
-                  device: torch.device) -> int:
+                  sm_count: int) -> int:
     """Split-K programs per (sequence, kv head) of the decode launch: enough to bring the grid to
     about two waves of SMs, each split keeping >= 4 key tiles of the longest possible context.
 
@@ -253,9 +253,9 @@ def decode_splits(n_seq: int, n_kv: int, max_keys: int, window: int | None, bloc
     bounds it further; each program reads the real length on the device and takes its share, so a
     short sequence's extra splits are empty.
     """
-    target = 2 * _sm_count(device)
+    target = 2 * sm_count
     programs = n_seq * n_kv
-    if programs >= target or device.type != "cuda":
+    if programs >= target:
         return 1
     if window is not None:  # a decode row reads at most its window
         max_keys = min(max_keys, window + blocks.decode_m)
@@ -270,7 +270,7 @@ def _sm_count_cached(index: int) -> int:
 
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
-        return 1
+        return 1  # the interpreter: no split unless asked for
     return _sm_count_cached(device.index if device.index is not None else torch.cuda.current_device())
 
 
