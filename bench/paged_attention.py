@@ -24,14 +24,14 @@ from osstune.kernels.paged_attention import PagedAttentionBlocks, decode_splits,
 N_Q, N_KV, D, BS, WINDOW = 64, 8, 64, 16, 128
 
 
-def make_inputs(lens: list[int], queries: list[int], seed: int = 0):
+def make_inputs(lens: list[int], queries: list[int], seed: int = 0, table_width: int = 0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     widths = [-(-n // BS) for n in lens]
     nb = sum(widths) + 1
     k_cache = torch.randn(nb, BS, N_KV, D, device="cuda", dtype=torch.bfloat16, generator=g)
     v_cache = torch.randn(nb, BS, N_KV, D, device="cuda", dtype=torch.bfloat16, generator=g)
     perm = torch.randperm(nb, device="cuda", generator=g).to(torch.int32)
-    tables = torch.zeros(len(lens), max(widths), dtype=torch.int32, device="cuda")
+    tables = torch.zeros(len(lens), max(*widths, table_width), dtype=torch.int32, device="cuda")
     at = 0
     for i, w in enumerate(widths):
         tables[i, :w] = perm[at:at + w]
@@ -63,15 +63,16 @@ def time_ms(fn, graph: bool) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def decode_rows(batches: list[int], contexts: list[int], window: int | None) -> None:
+def decode_rows(batches: list[int], contexts: list[int], window: int | None, table_width: int = 0) -> None:
     name = f"sliding {WINDOW}" if window else "full"
-    print(f"\ndecode, {name} layer: median us (GB/s of K/V read)")
+    wide = f", tables {table_width} blocks wide (as the engine's graphs pass them)" if table_width else ""
+    print(f"\ndecode, {name} layer{wide}: median us (GB/s of K/V read)")
     print(f"{'batch':>6} {'context':>8} {'1 pass':>18} {'auto':>18} {'splits':>7}")
     for b in batches:
         for ctx in contexts:
             lens = [ctx] * b
             try:
-                inputs = make_inputs(lens, [1] * b)
+                inputs = make_inputs(lens, [1] * b, table_width=table_width)
             except torch.OutOfMemoryError:
                 print(f"{b:6d} {ctx:8d}  (out of memory)")
                 continue
@@ -163,6 +164,7 @@ def main() -> None:
     contexts = [256, 1024, 4096, 8192]
     decode_rows([1, 16, 64, 256], contexts, None)
     decode_rows([1, 64], contexts, WINDOW)
+    decode_rows([1, 16], [1024, 8192], None, table_width=131072 // BS)
     if args.long:
         decode_rows([1, 4], [32768, 131072], None)
     prefill_rows()
