@@ -1,13 +1,15 @@
 """Triton bodies of the paged attention with learned sinks (launchers live in paged_attention.py).
 
-One program takes one (query tile, split, sequence, kv head). The launcher runs the kernel twice on
-a mixed batch: once with 16-row tiles (and split-K) for sequences whose rows fit one tile (decodes),
-once with large tiles for the others (prefill chunks); each launch skips the other's sequences, a
-test on the device (no sync). A decode row in a 128-row tile would waste 15/16 of its matmuls. A tile row is one (query token, query
+One program takes one (query tile, split, sequence, kv head). A tile row is one (query token, query
 head) pair of the kv head's group, token-major (row r: token r // G, head r % G), so the G heads that
-share a kv head share every K/V load, and a decode step (one token) still fills a 16-row tile with
-G = 8 heads instead of wasting 15 of 16 rows. Keys go BLOCK_N at a time; each key's cache row is found
-through the block table (a gather: BLOCK_N need not equal the cache block size).
+share a kv head share every K/V load, and a decode token fills 8 rows of a 16-row tile at G = 8. Keys
+go BLOCK_N at a time; each key's cache row is found through the block table (a gather: BLOCK_N need
+not equal the cache block size).
+
+The launcher runs the kernel twice on a mixed batch: with 16-row tiles (and split-K) for sequences
+whose rows fit one tile (decodes), with 64/128-row tiles for the others (prefill chunks); each launch
+skips the other's sequences by a test on the device (rows_lo < n * G <= rows_hi), so nothing syncs.
+A decode row in a 128-row tile would waste 15/16 of its matmuls.
 
 Softmax as in FlashAttention-2 (arXiv:2307.08691), in base 2 (scores scaled by scale * log2(e)). Without
 split-K the running max and sum start at the head's sink logit (m0 = sink, l0 = 1), so the sink joins

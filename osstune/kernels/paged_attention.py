@@ -1,4 +1,4 @@
-"""Attention with learned sinks over a paged KV cache, for serving: decode and prefill chunks in one kernel.
+"""Attention with learned sinks over a paged KV cache, for serving: decodes and prefill chunks in one call.
 
 `paged_attention` runs our Triton kernel (`_paged_attention_triton.py`) on CUDA, and on CPU when
 TRITON_INTERPRET=1 (the tests); `paged_attention_ref` is the plain-PyTorch definition it must match.
@@ -15,14 +15,18 @@ Sliding layers: table entries for blocks wholly before the window of a sequence'
 anything (freed blocks, -1); the kernel reads no table entry and no key outside [first key a query of
 the step needs, L).
 
-CUDA graphs: no host sync. The grid depends only on shapes, `max_query_len` and `num_splits` (host
+Launches: sequences whose n * G rows fit one 16-row tile (decodes) run in 16-row tiles, the others
+(prefill chunks) in 64/128-row tiles, each launch skipping the other's sequences on the device; a
+batch with max_query_len * G <= 16 makes only the first.
+
+CUDA graphs: no host sync. The grid depends only on shapes, `max_query_len` and the split count (host
 ints); lengths and tables are read on the device. Rows of q past cu_seqlens_q[-1] (graph padding) are
 left unwritten in the output (torch.empty): the caller ignores them.
 
-Split-K (decode at long contexts): with `num_splits` > 1 each (sequence, kv head, query tile) runs on
-that many programs, each over one contiguous share of the keys; each writes its normalised partial
-output and log-sum-exp in float32, and a second kernel merges them with the sink (the sink is counted
-once, in the merge).
+Split-K (decodes at long contexts, when the decode launch has under two waves of programs): each
+(sequence, kv head) runs on several programs, each over one contiguous share of its keys, writing its
+normalised partial output and log-sum-exp in float32; a second kernel merges them and adds the sink
+(counted once, there).
 
 Shape legend: N query tokens of all sequences, S sequences, Q query heads, K key/value heads,
 G = Q / K, D head dim, NB cache blocks, BS block size, MB max blocks per sequence, P splits.
