@@ -161,6 +161,38 @@ def test_kernel_matches_reference(device, dtype, case):
     assert err < TOL[(device, dtype)], f"relative error {err:.2e}"
 
 
+def _random_case(seed: int) -> Case:
+    """A random batch: 1-4 sequences, lengths 0-80, any query count up to the length, windows
+    from 1 (the query alone) up, G in {1, 2, 4}, every tile choice."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    lens, queries = [], []
+    for _ in range(pick([1, 2, 3, 4])):
+        length = int(torch.randint(0, 81, (1,), generator=g))
+        lens.append(length)
+        queries.append(pick([0, 1, 1, min(2, length), length, length // 3]) if length else 0)
+    if not any(queries):
+        lens[0], queries[0] = max(lens[0], 1), 1
+    n_kv = pick([1, 2])
+    return Case(tuple(lens), tuple(queries), n_kv * pick([1, 2, 4]), n_kv, 16, pick([16, 32]),
+                pick([None, 1, 3, 16, 50]), block_m=pick([16, 32]), block_n=pick([16, 32]), splits=pick([1, 2, 3]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kernel_matches_reference_random_batches(seed):
+    _skip_unless_runnable("cpu")
+    case = _random_case(seed)
+    inputs = _build(case, torch.float32, "cpu", torch.Generator().manual_seed(seed))
+    want = paged_attention_ref(**inputs)
+    got = paged_attention(**_on(inputs, "cpu", torch.float32),
+                          blocks=_tiny_blocks(prefill_m=case.block_m, block_n=case.block_n, num_splits=case.splits))
+    assert torch.isfinite(got).all(), f"{case}: read a block outside the keys (NaN)"
+    assert _rel_err(got, want) < TOL[("cpu", torch.float32)], case
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("splits", [1, 2, 7, 16])
 def test_gpu_splits_agree(splits):
