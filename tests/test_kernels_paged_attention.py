@@ -292,6 +292,20 @@ def test_write_kv_cache(device):
         torch.testing.assert_close(vc.cpu(), want_v, rtol=0, atol=0)
 
 
+def test_empty_steps():
+    """No sequences at all, and only padding rows (every sequence with 0 queries)."""
+    _skip_unless_runnable("cpu")
+    kc = torch.randn(3, 16, 1, 16)
+    sinks = torch.zeros(2)
+    none = paged_attention(torch.randn(0, 2, 16), kc, kc, sinks, torch.zeros(0, 4, dtype=torch.int32),
+                           torch.zeros(0, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), 0, None)
+    assert none.shape == (0, 2, 16)
+    padded = paged_attention(torch.randn(3, 2, 16), kc, kc, sinks, torch.zeros(2, 4, dtype=torch.int32),
+                             torch.tensor([5, 0], dtype=torch.int32), torch.zeros(3, dtype=torch.int32), 1, 7,
+                             blocks=_tiny_blocks(num_splits=2))
+    assert padded.shape == (3, 2, 16)
+
+
 def test_bad_inputs_name_the_tensor():
     case = Case((10,), (1,), 4, 2, 16, 16, None)
     inputs = _build(case, torch.float32, "cpu", torch.Generator().manual_seed(0))
