@@ -92,7 +92,8 @@ def paged_attention(
     seq_lens (S,) int32, cu_seqlens_q (S + 1,) int32 -> (N, Q, D) in q's dtype.
 
     max_query_len: a host int >= every sequence's query count (it sizes the grid; queries past it
-    would be left uncomputed, which cannot be checked without a sync). window: the
+    would be left uncomputed, which cannot be checked without a sync; likewise each seq_lens[s] must
+    be <= max_blocks * block_size and >= its query count). window: the
     sliding-window length, None for full attention. scale: of the scores, default D ** -0.5.
     Where no Triton kernel can run (CPU without TRITON_INTERPRET=1), this is `paged_attention_ref`.
     """
