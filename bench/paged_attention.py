@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/paged_attention.py            # decode grid + prefill chunks, ~1-2 minutes
     PYTHONPATH=. python bench/paged_attention.py --long     # also batch-1 decode at 32k and 128k keys
-    PYTHONPATH=. python bench/paged_attention.py --sweep    # tile shapes and split counts, a few rows
+    PYTHONPATH=. python bench/paged_attention.py --sweep    # tile shapes and split counts, a few rows (~5 min)
 
 Q=64, K=8, D=64, block 16, bf16 cache, shuffled physical blocks. Each decode row is captured in a
 CUDA graph and replayed (triton.testing.do_bench_cudagraph: no launch overhead, and a check that the
@@ -19,19 +19,19 @@ import argparse
 import torch
 
 from osstune.kernels.attention import sink_flash_attention
-from osstune.kernels.paged_attention import PagedAttentionBlocks, _auto_splits, default_blocks, paged_attention
+from osstune.kernels.paged_attention import PagedAttentionBlocks, decode_splits, paged_attention
 
 N_Q, N_KV, D, BS, WINDOW = 64, 8, 64, 16, 128
 
 
-def make_inputs(lens: list[int], queries: list[int], seed: int = 0):
+def make_inputs(lens: list[int], queries: list[int], seed: int = 0, table_width: int = 0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     widths = [-(-n // BS) for n in lens]
     nb = sum(widths) + 1
     k_cache = torch.randn(nb, BS, N_KV, D, device="cuda", dtype=torch.bfloat16, generator=g)
     v_cache = torch.randn(nb, BS, N_KV, D, device="cuda", dtype=torch.bfloat16, generator=g)
     perm = torch.randperm(nb, device="cuda", generator=g).to(torch.int32)
-    tables = torch.zeros(len(lens), max(widths), dtype=torch.int32, device="cuda")
+    tables = torch.zeros(len(lens), max(*widths, table_width), dtype=torch.int32, device="cuda")
     at = 0
     for i, w in enumerate(widths):
         tables[i, :w] = perm[at:at + w]
@@ -63,15 +63,16 @@ def time_ms(fn, graph: bool) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def decode_rows(batches: list[int], contexts: list[int], window: int | None) -> None:
+def decode_rows(batches: list[int], contexts: list[int], window: int | None, table_width: int = 0) -> None:
     name = f"sliding {WINDOW}" if window else "full"
-    print(f"\ndecode, {name} layer: median us (GB/s of K/V read)")
+    wide = f", tables {table_width} blocks wide (as the engine's graphs pass them)" if table_width else ""
+    print(f"\ndecode, {name} layer{wide}: median us (GB/s of K/V read)")
     print(f"{'batch':>6} {'context':>8} {'1 pass':>18} {'auto':>18} {'splits':>7}")
     for b in batches:
         for ctx in contexts:
             lens = [ctx] * b
             try:
-                inputs = make_inputs(lens, [1] * b)
+                inputs = make_inputs(lens, [1] * b, table_width=table_width)
             except torch.OutOfMemoryError:
                 print(f"{b:6d} {ctx:8d}  (out of memory)")
                 continue
@@ -80,8 +81,8 @@ def decode_rows(batches: list[int], contexts: list[int], window: int | None) -> 
             for blocks in (PagedAttentionBlocks(num_splits=1), None):
                 ms = time_ms(lambda: paged_attention(*inputs, window, blocks=blocks), graph=True)
                 cells.append(f"{ms * 1e3:8.1f} ({nbytes / ms / 1e6:6.0f})")
-            auto = default_blocks(1, N_Q // N_KV)
-            splits = _auto_splits(b * N_KV, inputs[4].shape[1] * BS, auto.block_n, torch.device("cuda"))
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            splits = decode_splits(b, N_KV, inputs[4].shape[1] * BS, window, PagedAttentionBlocks(), sms)
             print(f"{b:6d} {ctx:8d} {cells[0]:>18} {cells[1]:>18} {splits:7d}", flush=True)
             del inputs
             torch.cuda.empty_cache()
@@ -122,16 +123,18 @@ def sweep() -> None:
 
     rows = [("decode b1 8k", [8192], [1], None), ("decode b16 4k", [4096] * 16, [1] * 16, None),
             ("decode b64 4k", [4096] * 64, [1] * 64, None), ("decode b256 1k", [1024] * 256, [1] * 256, None),
-            ("decode b64 4k sliding", [4096] * 64, [1] * 64, WINDOW),
             ("prefill 2048 full", [2048], [2048], None), ("prefill 2048 sliding", [2048], [2048], WINDOW)]
     for name, lens, queries, window in rows:
         inputs = make_inputs(lens, queries)
         decode = max(queries) == 1
-        ms_list = [16] if decode else [64, 128]
-        split_list = [None, 1, 4, 16, 32] if decode else [1]
         results = []
-        for bm, bn, warps, stages, splits in itertools.product(ms_list, [32, 64, 128], [2, 4, 8], [1, 2, 3], split_list):
-            blocks = PagedAttentionBlocks(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, num_splits=splits)
+        if decode:
+            shapes = [PagedAttentionBlocks(decode_n=bn, decode_warps=w, decode_stages=st, num_splits=sp)
+                      for bn, w, st, sp in itertools.product([32, 64, 128], [2, 4], [1, 2, 3], [None, 1, 8, 32])]
+        else:
+            shapes = [PagedAttentionBlocks(prefill_m=bm, prefill_n=bn, prefill_warps=w, prefill_stages=st)
+                      for bm, bn, w, st in itertools.product([64, 128], [32, 64, 128], [4, 8], [1, 2, 3])]
+        for blocks in shapes:
             try:
                 ms = time_ms(lambda: paged_attention(*inputs, window, blocks=blocks), graph=decode)
             except Exception as e:  # a shape the compiler rejects (shared memory): report, go on
@@ -141,8 +144,11 @@ def sweep() -> None:
         results.sort(key=lambda r: r[0])
         base = kv_bytes(lens, window)
         print(f"{name}:")
-        for ms, blocks in results[:3]:
-            print(f"  {ms * 1e3:8.1f} us ({base / ms / 1e6:5.0f} GB/s)  {blocks}", flush=True)
+        for ms, b in results[:3]:
+            shape = (f"decode_n={b.decode_n} warps={b.decode_warps} stages={b.decode_stages} splits={b.num_splits}"
+                     if decode else f"prefill_m={b.prefill_m} prefill_n={b.prefill_n} warps={b.prefill_warps} "
+                     f"stages={b.prefill_stages}")
+            print(f"  {ms * 1e3:9.1f} us ({base / ms / 1e6:5.0f} GB/s)  {shape}", flush=True)
 
 
 def main() -> None:
@@ -157,6 +163,7 @@ def main() -> None:
     contexts = [256, 1024, 4096, 8192]
     decode_rows([1, 16, 64, 256], contexts, None)
     decode_rows([1, 64], contexts, WINDOW)
+    decode_rows([1, 16], [1024, 8192], None, table_width=131072 // BS)
     if args.long:
         decode_rows([1, 4], [32768, 131072], None)
     prefill_rows()

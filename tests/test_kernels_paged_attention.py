@@ -23,6 +23,7 @@ from osstune.kernels._backend import triton_interpreter_problem
 
 from osstune.kernels.paged_attention import (
     PagedAttentionBlocks,
+    decode_splits,
     PagedAttentionInputError,
     paged_attention,
     paged_attention_ref,
@@ -41,18 +42,18 @@ class Case:
     d: int
     bs: int  # cache block size
     window: int | None
-    block_m: int = 16
+    block_m: int = 16  # prefill tile rows (decode tiles: 16 rows)
     block_n: int = 16
-    splits: int | None = 1
+    splits: int | None = 1  # of the decode launch
 
 
 CPU_CASES = [
-    Case((37, 5, 70), (1, 5, 3), 4, 2, 16, 16, None),  # mixed decode / prefill, GQA
+    Case((37, 5, 70), (1, 5, 3), 4, 2, 16, 16, None),  # decodes (n * G <= 16 rows) of 1-5 queries, GQA
     Case((37, 5, 70), (1, 5, 3), 4, 2, 16, 16, 7, block_n=32),  # window < block, tile spans 2 blocks
-    Case((90, 33, 1), (9, 0, 1), 2, 1, 16, 32, 20),  # block 32, half-block tiles, a 0-query sequence
+    Case((90, 33, 1), (9, 0, 1), 2, 1, 16, 32, 20),  # prefill + decode, block 32, half-block tiles, 0 queries
     Case((100, 64), (40, 1), 4, 4, 32, 16, 45, block_m=32),  # window > block, long prefill chunk, G=1
     Case((129, 17, 50), (1, 1, 1), 8, 1, 16, 16, None, splits=3),  # decode split-K, G=8 fills 8 rows
-    Case((129, 61), (1, 6), 8, 2, 16, 16, 23, block_n=32, splits=4),  # split-K with a window and prefill
+    Case((129, 61), (1, 6), 8, 2, 16, 16, 23, block_n=32, splits=4),  # split-K decode beside a prefill, window
     Case((0, 12, 3), (0, 12, 3), 2, 1, 16, 32, 5),  # a whole prompt (no cache before), an empty slot
 ]
 GPU_CASES = [
@@ -69,6 +70,12 @@ GPU_CASES = [
 # float32; on the GPU a float32 tl.dot runs as tf32 (10-bit mantissa); bf16 rounds P to 8 bits
 # before the P @ V matmul.
 TOL = {("cpu", torch.float32): 1e-5, ("cuda", torch.float32): 5e-3, ("cuda", torch.bfloat16): 2e-2}
+
+
+def _tiny_blocks(prefill_m: int = 16, block_n: int = 16, num_splits: int | None = 1) -> PagedAttentionBlocks:
+    """Interpreter tiles: 16-row decode tiles (sequences of up to 16 // G queries), small prefill tiles."""
+    return PagedAttentionBlocks(decode_m=16, decode_n=block_n, decode_warps=1, decode_stages=1, num_splits=num_splits,
+                                prefill_m=prefill_m, prefill_n=block_n, prefill_warps=1, prefill_stages=1)
 
 
 def _skip_unless_runnable(device: str) -> None:
@@ -145,14 +152,45 @@ def test_kernel_matches_reference(device, dtype, case):
     assert torch.isfinite(want).all()
     blocks = None
     if device == "cpu":
-        blocks = PagedAttentionBlocks(block_m=case.block_m, block_n=case.block_n, num_warps=1, num_stages=1,
-                                      num_splits=case.splits)
+        blocks = _tiny_blocks(prefill_m=case.block_m, block_n=case.block_n, num_splits=case.splits)
     got = paged_attention(**_on(inputs, device, dtype), blocks=blocks)
     assert got.shape == inputs["q"].shape and got.dtype == dtype
     got = got[:n_real]
     assert torch.isfinite(got).all(), "the kernel read a block outside its sequence's keys (NaN)"
     err = _rel_err(got, want)
     assert err < TOL[(device, dtype)], f"relative error {err:.2e}"
+
+
+def _random_case(seed: int) -> Case:
+    """A random batch: 1-4 sequences, lengths 0-80, any query count up to the length, windows
+    from 1 (the query alone) up, G in {1, 2, 4}, every tile choice."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    lens, queries = [], []
+    for _ in range(pick([1, 2, 3, 4])):
+        length = int(torch.randint(0, 81, (1,), generator=g))
+        lens.append(length)
+        queries.append(pick([0, 1, 1, min(2, length), length, length // 3]) if length else 0)
+    if not any(queries):
+        lens[0], queries[0] = max(lens[0], 1), 1
+    n_kv = pick([1, 2])
+    return Case(tuple(lens), tuple(queries), n_kv * pick([1, 2, 4]), n_kv, 16, pick([16, 32]),
+                pick([None, 1, 3, 16, 50]), block_m=pick([16, 32]), block_n=pick([16, 32]), splits=pick([1, 2, 3]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kernel_matches_reference_random_batches(seed):
+    _skip_unless_runnable("cpu")
+    case = _random_case(seed)
+    inputs = _build(case, torch.float32, "cpu", torch.Generator().manual_seed(seed))
+    want = paged_attention_ref(**inputs)
+    got = paged_attention(**_on(inputs, "cpu", torch.float32),
+                          blocks=_tiny_blocks(prefill_m=case.block_m, block_n=case.block_n, num_splits=case.splits))
+    assert torch.isfinite(got).all(), f"{case}: read a block outside the keys (NaN)"
+    assert _rel_err(got, want) < TOL[("cpu", torch.float32)], case
 
 
 @pytest.mark.gpu
@@ -199,9 +237,8 @@ def test_split_k_equals_one_pass():
     _skip_unless_runnable("cpu")
     case = Case((40, 3, 18), (1, 1, 2), 4, 2, 16, 16, None)
     inputs = _on(_build(case, torch.float32, "cpu", torch.Generator().manual_seed(5)), "cpu", torch.float32)
-    tiles = dict(block_m=16, block_n=16, num_warps=1, num_stages=1)
-    one = paged_attention(**inputs, blocks=PagedAttentionBlocks(**tiles, num_splits=1))
-    many = paged_attention(**inputs, blocks=PagedAttentionBlocks(**tiles, num_splits=4))
+    one = paged_attention(**inputs, blocks=_tiny_blocks(num_splits=1))
+    many = paged_attention(**inputs, blocks=_tiny_blocks(num_splits=4))
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
 
 
@@ -213,9 +250,21 @@ def test_column_slice_of_a_wider_table():
     tables = inputs["block_tables"]
     wide = torch.full((tables.shape[0], tables.shape[1] + 5), 10**6, dtype=torch.int32)
     wide[:, : tables.shape[1]] = tables
-    tiles = PagedAttentionBlocks(block_m=16, block_n=16, num_warps=1, num_stages=1, num_splits=1)
+    tiles = _tiny_blocks(num_splits=1)
     got = paged_attention(**{**inputs, "block_tables": wide[:, : tables.shape[1]]}, blocks=tiles)
     torch.testing.assert_close(got, paged_attention(**inputs, blocks=tiles), rtol=0, atol=0)
+
+
+def test_decode_splits():
+    """Split-K only while the grid is under two waves; each split keeps >= 4 key tiles of the longest
+    context the table allows; a window bounds that context."""
+    blocks = PagedAttentionBlocks()  # 64-key tiles
+    assert decode_splits(1, 8, 8192, None, blocks, sm_count=132) == 32  # 8192 keys / (4 * 64)
+    assert decode_splits(1, 8, 131072, None, blocks, sm_count=132) == 33  # 264 programs / 8
+    assert decode_splits(16, 8, 131072, None, blocks, sm_count=132) == 3
+    assert decode_splits(64, 8, 131072, None, blocks, sm_count=132) == 1
+    assert decode_splits(1, 8, 131072, 128, blocks, sm_count=132) == 1  # at most 144 keys: under 4 tiles in all
+    assert decode_splits(1, 8, 200, None, blocks, sm_count=132) == 1
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -241,6 +290,20 @@ def test_write_kv_cache(device):
         write(k.to(device), v.to(device), kc, vc, slots.to(device))
         torch.testing.assert_close(kc.cpu(), want_k, rtol=0, atol=0)
         torch.testing.assert_close(vc.cpu(), want_v, rtol=0, atol=0)
+
+
+def test_empty_steps():
+    """No sequences at all, and only padding rows (every sequence with 0 queries)."""
+    _skip_unless_runnable("cpu")
+    kc = torch.randn(3, 16, 1, 16)
+    sinks = torch.zeros(2)
+    none = paged_attention(torch.randn(0, 2, 16), kc, kc, sinks, torch.zeros(0, 4, dtype=torch.int32),
+                           torch.zeros(0, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), 0, None)
+    assert none.shape == (0, 2, 16)
+    padded = paged_attention(torch.randn(3, 2, 16), kc, kc, sinks, torch.zeros(2, 4, dtype=torch.int32),
+                             torch.tensor([5, 0], dtype=torch.int32), torch.zeros(3, dtype=torch.int32), 1, 7,
+                             blocks=_tiny_blocks(num_splits=2))
+    assert padded.shape == (3, 2, 16)
 
 
 def test_bad_inputs_name_the_tensor():

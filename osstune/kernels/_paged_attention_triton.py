@@ -2,9 +2,14 @@
 
 One program takes one (query tile, split, sequence, kv head). A tile row is one (query token, query
 head) pair of the kv head's group, token-major (row r: token r // G, head r % G), so the G heads that
-share a kv head share every K/V load, and a decode step (one token) still fills a 16-row tile with
-G = 8 heads instead of wasting 15 of 16 rows. Keys go BLOCK_N at a time; each key's cache row is found
-through the block table (a gather: BLOCK_N need not equal the cache block size).
+share a kv head share every K/V load, and a decode token fills 8 rows of a 16-row tile at G = 8. Keys
+go BLOCK_N at a time; each key's cache row is found through the block table (a gather: BLOCK_N need
+not equal the cache block size).
+
+The launcher runs the kernel twice on a mixed batch: with 16-row tiles (and split-K) for sequences
+whose rows fit one tile (decodes), with 64/128-row tiles for the others (prefill chunks); each launch
+skips the other's sequences by a test on the device (rows_lo < n * G <= rows_hi), so nothing syncs.
+A decode row in a 128-row tile would waste 15/16 of its matmuls.
 
 Softmax as in FlashAttention-2 (arXiv:2307.08691), in base 2 (scores scaled by scale * log2(e)). Without
 split-K the running max and sum start at the head's sink logit (m0 = sink, l0 = 1), so the sink joins
@@ -65,7 +70,7 @@ def _paged_band(acc, m_i, l_i, q, table, k_base, v_base, stride_kb, stride_kt, s
 def _paged_attn_fwd(Q, Sinks, Out, LSE, K, V, Tables, SeqLens, CuQ,
                     stride_qn, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                     stride_tab, window, qk_scale,
-                    stride_os, stride_on, stride_oh, stride_ls, stride_ln,
+                    stride_os, stride_on, stride_oh, stride_ls, stride_ln, rows_lo, rows_hi,
                     BS: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0) // SPLITS
@@ -75,7 +80,8 @@ def _paged_attn_fwd(Q, Sinks, Out, LSE, K, V, Tables, SeqLens, CuQ,
     q_start = tl.load(CuQ + s)
     n_rows = (tl.load(CuQ + s + 1) - q_start) * GROUP
     m0 = pid_m * BLOCK_M
-    if m0 >= n_rows:  # past this sequence's queries (max_query_len pads the grid)
+    # Past this sequence's queries (max_query_len pads the grid), or a sequence the other launch takes.
+    if (m0 >= n_rows) | (n_rows <= rows_lo) | (n_rows > rows_hi):
         return
     length = tl.load(SeqLens + s)
     n_q_tok = n_rows // GROUP
@@ -138,27 +144,39 @@ def _paged_attn_fwd(Q, Sinks, Out, LSE, K, V, Tables, SeqLens, CuQ,
 
 
 @triton.jit
-def _paged_attn_merge(PartO, PartLSE, Sinks, Out, CuQ, n_seq,
-                      stride_ps, stride_pn, stride_ph, stride_ls, stride_ln, stride_on, stride_oh,
-                      SPLITS: tl.constexpr, BLOCK_P: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Out[i, h] = sum_p w_p * o_p / (sum_p w_p + exp(sink)) with w_p = exp(lse_p): the split-K
-    partials of one (query token, head), the sink counted once."""
-    i = tl.program_id(0)
-    h = tl.program_id(1)
-    if i >= tl.load(CuQ + n_seq):  # graph padding rows: left unwritten
+def _paged_attn_merge(PartO, PartLSE, Sinks, Out, CuQ,
+                      stride_ps, stride_pn, stride_ph, stride_ls, stride_ln, stride_on, stride_oh, rows_hi,
+                      SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The split-K partials of one (sequence, kv head) whose rows fit one tile (n * G <= rows_hi <=
+    BLOCK_M): out = sum_p exp(lse_p) o_p / (sum_p exp(lse_p) + exp(sink)), the sink counted once,
+    combined one split at a time with a running max."""
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    q_start = tl.load(CuQ + s)
+    n_rows = (tl.load(CuQ + s + 1) - q_start) * GROUP
+    if (n_rows == 0) | (n_rows > rows_hi):
         return
-    offs_p = tl.arange(0, BLOCK_P)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    p_ok = offs_p < SPLITS
-    lse = tl.load(PartLSE + offs_p * stride_ls + i * stride_ln + h, mask=p_ok, other=float("-inf"))  # (P,)
-    sink2 = tl.load(Sinks + h).to(tl.float32) * 1.4426950408889634
-    m = tl.maximum(tl.max(lse, 0), sink2)
-    w = tl.math.exp2(lse - m)
-    denom = tl.sum(w, 0) + tl.math.exp2(sink2 - m)
-    o = tl.load(PartO + offs_p[:, None] * stride_ps + i * stride_pn + h * stride_ph + offs_d[None, :],
-                mask=p_ok[:, None], other=0.0)  # (P, D)
-    out = tl.sum(o * w[:, None], 0) / denom
-    tl.store(Out + i.to(tl.int64) * stride_on + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+    row_ok = offs_m < n_rows
+    tok = (q_start + offs_m // GROUP).to(tl.int64)
+    head = kvh * GROUP + offs_m % GROUP
+    m = tl.load(Sinks + head).to(tl.float32) * 1.4426950408889634  # (BM,) the sink: l = 1 at m = sink
+    l = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for p in range(SPLITS):
+        lse = tl.load(PartLSE + p * stride_ls + tok * stride_ln + head, mask=row_ok, other=float("-inf"))
+        o = tl.load(PartO + p * stride_ps + tok[:, None] * stride_pn + head[:, None] * stride_ph + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)  # (BM, D)
+        m_new = tl.maximum(m, lse)
+        alpha = tl.math.exp2(m - m_new)
+        w = tl.math.exp2(lse - m_new)
+        acc = acc * alpha[:, None] + o * w[:, None]
+        l = l * alpha + w
+        m = m_new
+    out = acc / l[:, None]
+    tl.store(Out + tok[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Attention with learned sinks over a paged KV cache, for serving: decode and prefill chunks in one kernel.
+"""Attention with learned sinks over a paged KV cache, for serving: decodes and prefill chunks in one call.
 
 `paged_attention` runs our Triton kernel (`_paged_attention_triton.py`) on CUDA, and on CPU when
 TRITON_INTERPRET=1 (the tests); `paged_attention_ref` is the plain-PyTorch definition it must match.
@@ -15,14 +15,18 @@ Sliding layers: table entries for blocks wholly before the window of a sequence'
 anything (freed blocks, -1); the kernel reads no table entry and no key outside [first key a query of
 the step needs, L).
 
-CUDA graphs: no host sync. The grid depends only on shapes, `max_query_len` and `num_splits` (host
+Launches: sequences whose n * G rows fit one 16-row tile (decodes) run in 16-row tiles, the others
+(prefill chunks) in 64/128-row tiles, each launch skipping the other's sequences on the device; a
+batch with max_query_len * G <= 16 makes only the first.
+
+CUDA graphs: no host sync. The grid depends only on shapes, `max_query_len` and the split count (host
 ints); lengths and tables are read on the device. Rows of q past cu_seqlens_q[-1] (graph padding) are
 left unwritten in the output (torch.empty): the caller ignores them.
 
-Split-K (decode at long contexts): with `num_splits` > 1 each (sequence, kv head, query tile) runs on
-that many programs, each over one contiguous share of the keys; each writes its normalised partial
-output and log-sum-exp in float32, and a second kernel merges them with the sink (the sink is counted
-once, in the merge).
+Split-K (decodes at long contexts, when the decode launch has under two waves of programs): each
+(sequence, kv head) runs on several programs, each over one contiguous share of its keys, writing its
+normalised partial output and log-sum-exp in float32; a second kernel merges them and adds the sink
+(counted once, there).
 
 Shape legend: N query tokens of all sequences, S sequences, Q query heads, K key/value heads,
 G = Q / K, D head dim, NB cache blocks, BS block size, MB max blocks per sequence, P splits.
@@ -49,31 +53,25 @@ class PagedAttentionInputError(ValueError):
 
 @dataclass(frozen=True)
 class PagedAttentionBlocks:
-    """Tile sizes and launch shape (tuning only; every choice computes the same function).
+    """Tile sizes and launch shapes (tuning only; every choice computes the same function).
 
-    block_m: rows of a query tile, a row being one (query token, query head of the kv head's group)
-    pair: the G heads of a group share the K/V loads. block_n: keys per inner step (a power of two
-    >= 16; it may span several cache blocks or part of one). num_splits: programs per (sequence, kv
-    head, query tile) over the keys (split-K); None picks it from the grid size and the table width.
+    A tile row is one (query token, query head of the kv head's group) pair: the G heads of a group
+    share the K/V loads. Sequences whose n * G rows fit `decode_m` (decodes) run in the decode launch,
+    with split-K over `num_splits` programs per (sequence, kv head) (None: picked from the grid size
+    and the table width); the others (prefill chunks) in the prefill launch with `prefill_m`-row
+    tiles (None: 64 or 128 by max_query_len). *_n: keys per inner step, a power of two >= 16 (it
+    may span several cache blocks or part of one).
     """
 
-    block_m: int = 16
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
+    decode_m: int = 16
+    decode_n: int = 64
+    decode_warps: int = 4
+    decode_stages: int = 2
     num_splits: int | None = None
-
-
-_DECODE = PagedAttentionBlocks(block_m=16, block_n=64, num_warps=4, num_stages=2)
-_PREFILL = PagedAttentionBlocks(block_m=128, block_n=64, num_warps=4, num_stages=2, num_splits=1)
-
-
-def default_blocks(max_query_len: int, group: int) -> PagedAttentionBlocks:
-    if max_query_len * group <= 16:
-        return _DECODE
-    if max_query_len * group <= 64:
-        return PagedAttentionBlocks(block_m=64, block_n=64, num_warps=4, num_stages=2, num_splits=1)
-    return _PREFILL
+    prefill_m: int | None = None
+    prefill_n: int = 64
+    prefill_warps: int = 4
+    prefill_stages: int = 2
 
 
 def paged_attention(
@@ -94,7 +92,8 @@ def paged_attention(
     seq_lens (S,) int32, cu_seqlens_q (S + 1,) int32 -> (N, Q, D) in q's dtype.
 
     max_query_len: a host int >= every sequence's query count (it sizes the grid; queries past it
-    would be left uncomputed, which cannot be checked without a sync). window: the
+    would be left uncomputed, which cannot be checked without a sync; likewise each seq_lens[s] must
+    be <= max_blocks * block_size and >= its query count). window: the
     sliding-window length, None for full attention. scale: of the scores, default D ** -0.5.
     Where no Triton kernel can run (CPU without TRITON_INTERPRET=1), this is `paged_attention_ref`.
     """
@@ -119,32 +118,44 @@ def paged_attention(
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if n_tok == 0 or n_seq == 0 or max_query_len == 0:
         return out
-    blocks = blocks or default_blocks(max_query_len, group)
-    m_tiles = math.ceil(max_query_len * group / blocks.block_m)
-    splits = blocks.num_splits or _auto_splits(m_tiles * n_seq * n_kv, block_tables.shape[1] * k_cache.shape[1],
-                                               blocks.block_n, q.device)
-    common = dict(
-        BS=k_cache.shape[1], GROUP=group, HEAD_DIM=d, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-    )
-    caches = (
+    blocks = blocks or PagedAttentionBlocks()
+    kernel_args = (
         k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
         *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
         window or _NO_WINDOW, scale * LOG2E,
     )
-    grid = (m_tiles * splits, n_seq, n_kv)
+    common = dict(BS=k_cache.shape[1], GROUP=group, HEAD_DIM=d)
+    decode_rows = blocks.decode_m  # a sequence of at most this many rows is a decode (one tile)
+
+    # Decode launch: sequences of 1..decode_m rows, one tile each, split-K over the keys.
+    splits = blocks.num_splits or decode_splits(n_seq, n_kv, block_tables.shape[1] * k_cache.shape[1], window,
+                                                blocks, _sm_count(q.device))
+    tiles = dict(BLOCK_M=blocks.decode_m, BLOCK_N=blocks.decode_n, num_warps=blocks.decode_warps,
+                 num_stages=blocks.decode_stages)
+    grid = (splits, n_seq, n_kv)
     if splits == 1:
-        kern._paged_attn_fwd[grid](q, sinks, out, out, *caches, 0, *out.stride()[:2], 0, 0, SPLITS=1, **common)
+        kern._paged_attn_fwd[grid](q, sinks, out, out, *kernel_args, 0, *out.stride()[:2], 0, 0, 0, decode_rows,
+                                   SPLITS=1, **common, **tiles)
+    else:
+        # Partials per (split, query token, query head): normalised output and log2-sum-exp, float32.
+        part_o = torch.empty(splits, n_tok, n_q, d, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(splits, n_tok, n_q, device=q.device, dtype=torch.float32)
+        kern._paged_attn_fwd[grid](q, sinks, part_o, part_lse, *kernel_args, *part_o.stride()[:3],
+                                   *part_lse.stride()[:2], 0, decode_rows, SPLITS=splits, **common, **tiles)
+        kern._paged_attn_merge[(n_seq, n_kv)](
+            part_o, part_lse, sinks, out, cu_seqlens_q, *part_o.stride()[:3], *part_lse.stride()[:2],
+            *out.stride()[:2], decode_rows, SPLITS=splits, GROUP=group, HEAD_DIM=d, BLOCK_M=blocks.decode_m,
+            num_warps=4,
+        )
+    if max_query_len * group <= decode_rows:
         return out
-    # Partials per (split, query token, query head): normalised output and log2-sum-exp, float32.
-    part_o = torch.empty(splits, n_tok, n_q, d, device=q.device, dtype=torch.float32)
-    part_lse = torch.empty(splits, n_tok, n_q, device=q.device, dtype=torch.float32)
-    kern._paged_attn_fwd[grid](q, sinks, part_o, part_lse, *caches, *part_o.stride()[:3], *part_lse.stride()[:2],
-                               SPLITS=splits, **common)
-    kern._paged_attn_merge[(n_tok, n_q)](
-        part_o, part_lse, sinks, out, cu_seqlens_q, n_seq, *part_o.stride()[:3], *part_lse.stride()[:2],
-        *out.stride()[:2], SPLITS=splits, BLOCK_P=_next_pow2(splits), HEAD_DIM=d, num_warps=1,
-    )
+
+    # Prefill launch: sequences of more rows, in large tiles, one pass over the keys.
+    block_m = blocks.prefill_m or (64 if max_query_len * group <= 64 else 128)
+    grid = (math.ceil(max_query_len * group / block_m), n_seq, n_kv)
+    kern._paged_attn_fwd[grid](q, sinks, out, out, *kernel_args, 0, *out.stride()[:2], 0, 0, decode_rows, 1 << 30,
+                               SPLITS=1, BLOCK_M=block_m, BLOCK_N=blocks.prefill_n, num_warps=blocks.prefill_warps,
+                               num_stages=blocks.prefill_stages, **common)
     return out
 
 
@@ -238,16 +249,22 @@ def write_kv_cache_ref(
     v_cache.view(nb * bs, n_kv, d)[slots] = v[keep].to(v_cache.dtype)
 
 
-def _auto_splits(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
-    """Splits that bring the grid to about two waves, each split keeping >= 4 key tiles of work.
+def decode_splits(n_seq: int, n_kv: int, max_keys: int, window: int | None, blocks: PagedAttentionBlocks,
+                  sm_count: int) -> int:
+    """Split-K programs per (sequence, kv head) of the decode launch: enough to bring the grid to
+    about two waves of SMs, each split keeping >= 4 key tiles of the longest possible context.
 
-    Decided from host ints only (graph-safe): the table width bounds the context; each program reads
-    the real length on the device and takes its share, so a short sequence's extra splits are empty.
+    Decided from host ints only (graph-safe): the table width (max_keys) bounds the context, a window
+    bounds it further; each program reads the real length on the device and takes its share, so a
+    short sequence's extra splits are empty.
     """
-    target = 2 * _sm_count(device)
-    if programs >= target or device.type != "cuda":
+    target = 2 * sm_count
+    programs = n_seq * n_kv
+    if programs >= target:
         return 1
-    by_len = max(1, max_keys // (4 * block_n))
+    if window is not None:  # a decode row reads at most its window
+        max_keys = min(max_keys, window + blocks.decode_m)
+    by_len = max(1, max_keys // (4 * blocks.decode_n))
     return max(1, min(math.ceil(target / programs), by_len, 64))
 
 
@@ -258,7 +275,7 @@ def _sm_count_cached(index: int) -> int:
 
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
-        return 1
+        return 1  # the interpreter: no split unless asked for
     return _sm_count_cached(device.index if device.index is not None else torch.cuda.current_device())
 
 
