@@ -1,0 +1,183 @@
+"""Triton bodies of the small-batch MoE (launcher and reference in moe_decode.py).
+
+Two kernels per MoE call, each over (row tiles, column tiles) of the routed rows sorted by expert:
+
+- `_gate_up`: h = clamped_swiglu(x[token] @ W_gu,e + b_gu,e) for the rows of expert e, bias and
+  SwiGLU in the epilogue (the interleaved gate/up columns of one tile split into pairs), h stored in
+  x's dtype at the row's sorted position.
+- `_down`: y = (h @ W_d,e + b_d,e) * routing weight, stored in float32 at the row's place in
+  token-major order (token * k + slot), so that the k slots of a token are summed afterwards in a
+  fixed order (deterministic, no atomics).
+
+A program decodes one weight tile per step and multiplies it with at most BLOCK_M rows that share
+its expert: at batch 1 only the top-k experts' tiles are read, each once; at larger batches the rows
+of one expert share each decoded tile. The row tiles come from `_tile_rows` (the MXFP4 grouped
+GEMM's, sync-free: the grid is an upper bound and surplus programs return at once), and the program
+id of the row tile varies fastest, so the row tiles of one expert run side by side and read each
+weight tile from HBM once, then from L2.
+
+Weights: MXFP4 (blocks (E, N, K/32, 16) u8 output-major, scales (E, N, K/32) u8, decoded in
+registers by the MXFP4 GEMM's decoders) or dense ((E, K, N) input-major, the model's layout).
+tl.dot needs 16 rows, so one routed row rides in a 16-row tile: the wasted MMA work is free next to
+the weight loads, and the MMA does the multiply-adds that would otherwise compete with the decode
+for the ALUs. F32_DOT (Triton's CPU interpreter, whose tl.dot multiplies bf16 bit patterns) and
+float32 inputs multiply in float32.
+
+Shape legend: M = N * k routed rows, K input features, N output features (per projection),
+E experts, H hidden, I expert intermediate.
+"""
+
+import triton
+import triton.language as tl
+
+from osstune.kernels._mxfp4_gemm_triton import (
+    _TWO_POW_64,
+    _decode,
+    _decode_pairs,
+    _load_packed,
+    _load_scales,
+    _tile_rows,
+)
+
+
+@triton.jit
+def _weight_tile(W, Scales, cols, col_ok, k0, K, stride_wn, stride_wk, stride_sn,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr, PAIRS: tl.constexpr,
+                 EVEN: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) tile of one expert's W^T (output-major) at columns `cols`, inputs
+    [k0, k0 + BLOCK_K). W and Scales point at the expert. MXFP4 with PAIRS: bf16 holding
+    weight * 2**-64; MXFP4 otherwise: float32; dense: W's dtype. Past K or N: zeros."""
+    if MXFP4:
+        packed = _load_packed(W, cols, col_ok, k0, K, stride_wn, BLOCK_K, EVEN)
+        sc = _load_scales(Scales, cols, col_ok, k0, K, stride_sn, BLOCK_K)
+        if PAIRS:
+            w = _decode_pairs(packed, sc, BLOCK_N, BLOCK_K)
+        else:
+            w = _decode(packed, sc, BLOCK_N, BLOCK_K)
+    else:
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if EVEN:
+            ok = col_ok[:, None]
+        else:
+            ok = col_ok[:, None] & (ks < K)[None, :]
+        w = tl.load(W + ks.to(tl.int64)[None, :] * stride_wk + cols[:, None] * stride_wn, mask=ok, other=0.0)
+    return w
+
+
+@triton.jit
+def _rows_times_tile(a, w, acc, X_DTYPE: tl.constexpr, PAIRS: tl.constexpr, SWAP: tl.constexpr,
+                     F32_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += a (BLOCK_M, BLOCK_K) @ w^T, w (BLOCK_N, BLOCK_K); acc (BLOCK_N, BLOCK_M) when SWAP."""
+    if not PAIRS:
+        w = w.to(X_DTYPE)  # the model multiplies in x's dtype (exact for decoded MXFP4)
+    if F32_DOT:
+        a = a.to(tl.float32)
+        w = w.to(tl.float32)
+    if SWAP:
+        # The decoded tile is the left operand: Hopper's wgmma can take it from registers.
+        return tl.dot(w, tl.trans(a), acc, input_precision=PRECISION)
+    return tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _gate_up(X, Order, Offs, W, Scales, Bias, Hout, M, K, N, E, TOPK, alpha, limit,
+             stride_x, stride_h, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_be,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
+             MXFP4: tl.constexpr, PAIRS: tl.constexpr, SWAP: tl.constexpr, EVEN: tl.constexpr,
+             F32_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Hout[r, :] = clamped SwiGLU of x[Order[r] // TOPK] @ W_e + b_e for sorted rows r of expert e.
+    K = H, N = 2I (gate/up interleaved), Hout (M, I). Rows past offs[E - 1] (ids >= E): zeros."""
+    expert, row0, row_end = _tile_rows(Offs, tl.program_id(0), M, E, BLOCK_M, E_PAD)
+    if row0 >= row_end:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    token = tl.load(Order + rows, mask=row_ok, other=0) // TOPK
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    valid = expert < E
+    k_end = tl.where(valid, K, 0)  # a loop bound, not an `if`, keeps the loop where the pipeliner finds it
+    expert = tl.minimum(expert, E - 1).to(tl.int64)
+    w_base = W + expert * stride_we
+    s_base = Scales + expert * stride_se
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if EVEN:
+            x_ok = row_ok[:, None]
+        else:
+            x_ok = row_ok[:, None] & (ks < K)[None, :]
+        x = tl.load(X + token[:, None] * stride_x + ks[None, :], mask=x_ok, other=0.0)  # (BLOCK_M, BLOCK_K)
+        w = _weight_tile(w_base, s_base, cols, col_ok, k0, K, stride_wn, stride_wk, stride_sn,
+                         BLOCK_N, BLOCK_K, MXFP4, PAIRS, EVEN)
+        acc = _rows_times_tile(x, w, acc, X.dtype.element_ty, PAIRS, SWAP, F32_DOT, PRECISION)
+    if SWAP:
+        out = tl.trans(acc)
+    else:
+        out = acc
+    if PAIRS:
+        out = out * _TWO_POW_64
+    bias = tl.load(Bias + expert * stride_be + cols, mask=col_ok, other=0.0)
+    bias = tl.where(valid, bias.to(tl.float32), 0.0)
+    # The model adds the bias in x's dtype; rounding it there keeps the two equal for float32 biases too.
+    out = out + bias.to(X.dtype.element_ty).to(tl.float32)[None, :]
+    gate, up = tl.split(tl.reshape(out, (BLOCK_M, BLOCK_N // 2, 2)))  # interleaved [g0, u0, g1, u1, ...]
+    gate = tl.minimum(gate, limit)
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    h = (up + 1.0) * gate * tl.sigmoid(alpha * gate)
+    hcols = tl.program_id(1) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    tl.store(Hout + rows.to(tl.int64)[:, None] * stride_h + hcols[None, :], h.to(Hout.dtype.element_ty),
+             mask=row_ok[:, None] & (hcols < N // 2)[None, :])
+
+
+@triton.jit
+def _down(Hin, Order, Offs, W, Scales, Bias, RouteW, Y, M, K, N, E,
+          stride_h, stride_y, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_be,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
+          MXFP4: tl.constexpr, PAIRS: tl.constexpr, SWAP: tl.constexpr, EVEN: tl.constexpr,
+          F32_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Y[Order[r], :] = (Hin[r] @ W_e + b_e) * RouteW[Order[r]] in float32 for sorted rows r of expert
+    e. K = I, N = H, Y (M, H) in token-major row order. Rows past offs[E - 1]: zeros."""
+    expert, row0, row_end = _tile_rows(Offs, tl.program_id(0), M, E, BLOCK_M, E_PAD)
+    if row0 >= row_end:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    src = tl.load(Order + rows, mask=row_ok, other=0)  # (BLOCK_M,) token * k + slot
+    rows = rows.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    valid = expert < E
+    k_end = tl.where(valid, K, 0)
+    expert = tl.minimum(expert, E - 1).to(tl.int64)
+    w_base = W + expert * stride_we
+    s_base = Scales + expert * stride_se
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if EVEN:
+            h_ok = row_ok[:, None]
+        else:
+            h_ok = row_ok[:, None] & (ks < K)[None, :]
+        h = tl.load(Hin + rows[:, None] * stride_h + ks[None, :], mask=h_ok, other=0.0)  # (BLOCK_M, BLOCK_K)
+        w = _weight_tile(w_base, s_base, cols, col_ok, k0, K, stride_wn, stride_wk, stride_sn,
+                         BLOCK_N, BLOCK_K, MXFP4, PAIRS, EVEN)
+        acc = _rows_times_tile(h, w, acc, Hin.dtype.element_ty, PAIRS, SWAP, F32_DOT, PRECISION)
+    if SWAP:
+        out = tl.trans(acc)
+    else:
+        out = acc
+    if PAIRS:
+        out = out * _TWO_POW_64
+    bias = tl.load(Bias + expert * stride_be + cols, mask=col_ok, other=0.0)
+    bias = tl.where(valid, bias.to(tl.float32), 0.0)
+    out = out + bias.to(Hin.dtype.element_ty).to(tl.float32)[None, :]
+    route = tl.load(RouteW + src, mask=row_ok, other=0.0).to(Hin.dtype.element_ty).to(tl.float32)  # as the model
+    out = out * route[:, None]
+    tl.store(Y + src.to(tl.int64)[:, None] * stride_y + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
