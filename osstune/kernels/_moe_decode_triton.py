@@ -65,11 +65,11 @@ def _weight_tile(W, Scales, cols, col_ok, k0, K, stride_wn, stride_wk, stride_sn
 
 
 @triton.jit
-def _rows_times_tile(a, w, acc, X_DTYPE: tl.constexpr, PAIRS: tl.constexpr, SWAP: tl.constexpr,
-                     F32_DOT: tl.constexpr, PRECISION: tl.constexpr):
+def _rows_times_tile(a, w, acc, PAIRS: tl.constexpr, SWAP: tl.constexpr, F32_DOT: tl.constexpr,
+                     PRECISION: tl.constexpr):
     """acc += a (BLOCK_M, BLOCK_K) @ w^T, w (BLOCK_N, BLOCK_K); acc (BLOCK_N, BLOCK_M) when SWAP."""
     if not PAIRS:
-        w = w.to(X_DTYPE)  # the model multiplies in x's dtype (exact for decoded MXFP4)
+        w = w.to(a.dtype)  # the model multiplies in x's dtype (exact for decoded MXFP4)
     if F32_DOT:
         a = a.to(tl.float32)
         w = w.to(tl.float32)
@@ -80,24 +80,44 @@ def _rows_times_tile(a, w, acc, X_DTYPE: tl.constexpr, PAIRS: tl.constexpr, SWAP
 
 
 @triton.jit
-def _gate_up(X, Order, Offs, W, Scales, Bias, Hout, M, K, N, E, TOPK, alpha, limit,
+def _row_tile(Ids, Offs, M, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, SORTED: tl.constexpr):
+    """-> (expert, row0, row_end, valid) of this program's rows. SORTED: a tile of the expert-sorted
+    rows (`_tile_rows`; ids >= E form the tail group, invalid). Otherwise program r takes routed row r
+    alone (no sort at all: for a handful of rows the sort's launches cost more than the few weight
+    tiles two rows of one expert would share); ids outside [0, E) are invalid."""
+    if SORTED:
+        expert, row0, row_end = _tile_rows(Offs, tl.program_id(0), M, E, BLOCK_M, E_PAD)
+        valid = expert < E
+    else:
+        row0 = tl.program_id(0)
+        row_end = row0 + 1
+        expert = tl.load(Ids + row0).to(tl.int32)
+        valid = (expert >= 0) & (expert < E)
+    expert = tl.minimum(tl.maximum(expert, 0), E - 1).to(tl.int64)
+    return expert, row0, row_end, valid
+
+
+@triton.jit
+def _gate_up(X, Ids, Order, Offs, W, Scales, Bias, Hout, M, K, N, E, TOPK, alpha, limit,
              stride_x, stride_h, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_be,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
-             MXFP4: tl.constexpr, PAIRS: tl.constexpr, SWAP: tl.constexpr, EVEN: tl.constexpr,
-             F32_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """Hout[r, :] = clamped SwiGLU of x[Order[r] // TOPK] @ W_e + b_e for sorted rows r of expert e.
-    K = H, N = 2I (gate/up interleaved), Hout (M, I). Rows past offs[E - 1] (ids >= E): zeros."""
-    expert, row0, row_end = _tile_rows(Offs, tl.program_id(0), M, E, BLOCK_M, E_PAD)
+             SORTED: tl.constexpr, MXFP4: tl.constexpr, PAIRS: tl.constexpr, SWAP: tl.constexpr,
+             EVEN: tl.constexpr, F32_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Hout[r, :] = clamped SwiGLU of x[src(r) // TOPK] @ W_e + b_e for the rows r of expert e, where
+    src(r) = Order[r] (SORTED) or r. K = H, N = 2I (gate/up interleaved), Hout (M, I). Invalid ids: zeros."""
+    expert, row0, row_end, valid = _row_tile(Ids, Offs, M, E, BLOCK_M, E_PAD, SORTED)
     if row0 >= row_end:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
-    token = tl.load(Order + rows, mask=row_ok, other=0) // TOPK
+    if SORTED:
+        src = tl.load(Order + rows, mask=row_ok, other=0)
+    else:
+        src = rows
+    token = src.to(tl.int64) // TOPK
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    valid = expert < E
     k_end = tl.where(valid, K, 0)  # a loop bound, not an `if`, keeps the loop where the pipeliner finds it
-    expert = tl.minimum(expert, E - 1).to(tl.int64)
     w_base = W + expert * stride_we
     s_base = Scales + expert * stride_se
     if SWAP:
@@ -113,7 +133,7 @@ def _gate_up(X, Order, Offs, W, Scales, Bias, Hout, M, K, N, E, TOPK, alpha, lim
         x = tl.load(X + token[:, None] * stride_x + ks[None, :], mask=x_ok, other=0.0)  # (BLOCK_M, BLOCK_K)
         w = _weight_tile(w_base, s_base, cols, col_ok, k0, K, stride_wn, stride_wk, stride_sn,
                          BLOCK_N, BLOCK_K, MXFP4, PAIRS, EVEN)
-        acc = _rows_times_tile(x, w, acc, X.dtype.element_ty, PAIRS, SWAP, F32_DOT, PRECISION)
+        acc = _rows_times_tile(x, w, acc, PAIRS, SWAP, F32_DOT, PRECISION)
     if SWAP:
         out = tl.trans(acc)
     else:
@@ -121,38 +141,39 @@ def _gate_up(X, Order, Offs, W, Scales, Bias, Hout, M, K, N, E, TOPK, alpha, lim
     if PAIRS:
         out = out * _TWO_POW_64
     bias = tl.load(Bias + expert * stride_be + cols, mask=col_ok, other=0.0)
-    bias = tl.where(valid, bias.to(tl.float32), 0.0)
     # The model adds the bias in x's dtype; rounding it there keeps the two equal for float32 biases too.
-    out = out + bias.to(X.dtype.element_ty).to(tl.float32)[None, :]
+    bias = tl.where(valid, bias.to(X.dtype.element_ty).to(tl.float32), 0.0)
+    out = out + bias[None, :]
     gate, up = tl.split(tl.reshape(out, (BLOCK_M, BLOCK_N // 2, 2)))  # interleaved [g0, u0, g1, u1, ...]
     gate = tl.minimum(gate, limit)
     up = tl.minimum(tl.maximum(up, -limit), limit)
-    h = (up + 1.0) * gate * tl.sigmoid(alpha * gate)
+    h = (up + 1.0) * gate * tl.sigmoid(alpha * gate)  # invalid rows: gate = 0, so h = 0
     hcols = tl.program_id(1) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
     tl.store(Hout + rows.to(tl.int64)[:, None] * stride_h + hcols[None, :], h.to(Hout.dtype.element_ty),
              mask=row_ok[:, None] & (hcols < N // 2)[None, :])
 
 
 @triton.jit
-def _down(Hin, Order, Offs, W, Scales, Bias, RouteW, Y, M, K, N, E,
+def _down(Hin, Ids, Order, Offs, W, Scales, Bias, RouteW, Y, M, K, N, E,
           stride_h, stride_y, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_be,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
-          MXFP4: tl.constexpr, PAIRS: tl.constexpr, SWAP: tl.constexpr, EVEN: tl.constexpr,
-          F32_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """Y[Order[r], :] = (Hin[r] @ W_e + b_e) * RouteW[Order[r]] in float32 for sorted rows r of expert
-    e. K = I, N = H, Y (M, H) in token-major row order. Rows past offs[E - 1]: zeros."""
-    expert, row0, row_end = _tile_rows(Offs, tl.program_id(0), M, E, BLOCK_M, E_PAD)
+          SORTED: tl.constexpr, MXFP4: tl.constexpr, PAIRS: tl.constexpr, SWAP: tl.constexpr,
+          EVEN: tl.constexpr, F32_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Y[src(r), :] = (Hin[r] @ W_e + b_e) * RouteW[src(r)] in float32 for the rows r of expert e.
+    K = I, N = H, Y (M, H) in token-major row order (token * k + slot). Invalid ids: zeros."""
+    expert, row0, row_end, valid = _row_tile(Ids, Offs, M, E, BLOCK_M, E_PAD, SORTED)
     if row0 >= row_end:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
-    src = tl.load(Order + rows, mask=row_ok, other=0)  # (BLOCK_M,) token * k + slot
+    if SORTED:
+        src = tl.load(Order + rows, mask=row_ok, other=0).to(tl.int64)
+    else:
+        src = rows.to(tl.int64)
     rows = rows.to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    valid = expert < E
     k_end = tl.where(valid, K, 0)
-    expert = tl.minimum(expert, E - 1).to(tl.int64)
     w_base = W + expert * stride_we
     s_base = Scales + expert * stride_se
     if SWAP:
@@ -168,7 +189,7 @@ def _down(Hin, Order, Offs, W, Scales, Bias, RouteW, Y, M, K, N, E,
         h = tl.load(Hin + rows[:, None] * stride_h + ks[None, :], mask=h_ok, other=0.0)  # (BLOCK_M, BLOCK_K)
         w = _weight_tile(w_base, s_base, cols, col_ok, k0, K, stride_wn, stride_wk, stride_sn,
                          BLOCK_N, BLOCK_K, MXFP4, PAIRS, EVEN)
-        acc = _rows_times_tile(h, w, acc, Hin.dtype.element_ty, PAIRS, SWAP, F32_DOT, PRECISION)
+        acc = _rows_times_tile(h, w, acc, PAIRS, SWAP, F32_DOT, PRECISION)
     if SWAP:
         out = tl.trans(acc)
     else:
@@ -176,8 +197,21 @@ def _down(Hin, Order, Offs, W, Scales, Bias, RouteW, Y, M, K, N, E,
     if PAIRS:
         out = out * _TWO_POW_64
     bias = tl.load(Bias + expert * stride_be + cols, mask=col_ok, other=0.0)
-    bias = tl.where(valid, bias.to(tl.float32), 0.0)
-    out = out + bias.to(Hin.dtype.element_ty).to(tl.float32)[None, :]
+    bias = tl.where(valid, bias.to(Hin.dtype.element_ty).to(tl.float32), 0.0)
+    out = out + bias[None, :]
     route = tl.load(RouteW + src, mask=row_ok, other=0.0).to(Hin.dtype.element_ty).to(tl.float32)  # as the model
     out = out * route[:, None]
-    tl.store(Y + src.to(tl.int64)[:, None] * stride_y + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(Y + src[:, None] * stride_y + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _combine(Y, Out, N, TOPK: tl.constexpr, BLOCK: tl.constexpr):
+    """Out[t] = sum over the slots s of Y[t * TOPK + s] in slot order (float32), Y (T * TOPK, N) and
+    Out (T, N) contiguous."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(TOPK):
+        acc += tl.load(Y + (t * TOPK + s) * N + cols, mask=ok, other=0.0)
+    tl.store(Out + t * N + cols, acc.to(Out.dtype.element_ty), mask=ok)

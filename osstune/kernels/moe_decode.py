@@ -67,6 +67,9 @@ class DecodeTiles:
 
 # From this many tokens on the training grouped GEMMs run instead (see the module docstring).
 GROUPED_FROM_TOKENS = 512
+# Up to this many routed rows (N * k) each row gets its own programs and nothing is sorted: the sort
+# costs launches, and the few rows that share an expert then read its tiles at the same time (from L2).
+UNSORTED_MAX_ROWS = 16
 # float32 inputs on a GPU: float32 products, smaller tiles (or registers spill).
 FLOAT32_TILES = DecodeTiles(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2, swap=False)
 # Triton's interpreter (CPU tests) pays per program and per operation, not per element: few, large tiles.
@@ -86,18 +89,25 @@ def default_tiles(rows: int, x: torch.Tensor) -> DecodeTiles:
 
 @torch.no_grad()
 def moe_decode(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-               tiles: DecodeTiles | None = None) -> torch.Tensor:
+               tiles: DecodeTiles | None = None, grouped_from_tokens: int = GROUPED_FROM_TOKENS,
+               sort_rows: bool | None = None) -> torch.Tensor:
     """experts: an osstune.model.Experts or MXFP4Experts; x (N, H) bf16 or float32, idx (N, k) integer
     expert ids, weights (N, k) routing weights -> (N, H) in x's dtype, = experts(x, idx, weights).
-    tiles: both projections' launch shape (default: `default_tiles`)."""
+
+    tiles: both projections' launch shape (default: `default_tiles`). From grouped_from_tokens tokens
+    on (on a GPU) the training grouped GEMMs run instead. sort_rows: group the rows by expert first
+    (default: above UNSORTED_MAX_ROWS rows)."""
     w = _expert_tensors(experts)
     _check(w, x, idx, weights)
     if not triton_usable(x):
         return moe_decode_ref(experts, x, idx, weights)
     n = x.shape[0]
-    if n >= GROUPED_FROM_TOKENS and x.is_cuda:
+    if n >= grouped_from_tokens and x.is_cuda:
         return _grouped(experts, w, x, idx, weights)
-    return _launch(w, x, idx, weights, experts.alpha, experts.limit, tiles or default_tiles(idx.numel(), x))
+    if sort_rows is None:
+        sort_rows = idx.numel() > UNSORTED_MAX_ROWS
+    return _launch(w, x, idx, weights, experts.alpha, experts.limit, tiles or default_tiles(idx.numel(), x),
+                   sort_rows)
 
 
 @torch.no_grad()
@@ -213,44 +223,56 @@ def _grouped(experts, w: _Weights, x, idx, weights) -> torch.Tensor:
     return moe_experts(x, idx, weights, w.gu, w.gate_up_bias, w.d, w.down_bias, experts.alpha, experts.limit)
 
 
-def _launch(w: _Weights, x, idx, weights, alpha: float, limit: float, tiles: DecodeTiles) -> torch.Tensor:
+def _launch(w: _Weights, x, idx, weights, alpha: float, limit: float, tiles: DecodeTiles,
+            sort_rows: bool) -> torch.Tensor:
     from osstune.kernels import _moe_decode_triton as kern
 
     n, k = idx.shape
     m = n * k
     n_experts, two_i = w.gate_up_bias.shape
     h_dim, i_dim = x.shape[1], two_i // 2
-    out_dtype = x.dtype
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if m == 0:
-        return torch.zeros_like(x)
+        return out.zero_()
     x = x if x.stride(1) == 1 else x.contiguous()
-    sorted_ids, order = torch.sort(idx.reshape(-1))  # (M,) rows grouped by expert; order: row -> token * k + slot
-    # offs[e] = rows of experts <= e: the group ends, as the MXFP4 grouped GEMM takes them.
-    offs = torch.searchsorted(sorted_ids, torch.arange(n_experts, device=x.device, dtype=sorted_ids.dtype),
-                              right=True).to(torch.int32)
+    ids = idx.reshape(-1)  # (M,) row r = token r // k, slot r % k
+    ids = ids if ids.stride(0) == 1 else ids.contiguous()  # (a top-1 column of a wider tensor is strided)
     route = weights.reshape(-1)
     route = route if route.stride(0) == 1 else route.contiguous()
-    hid = torch.empty(m, i_dim, device=x.device, dtype=x.dtype)  # (M, I), sorted rows
+    if sort_rows:
+        sorted_ids, order = torch.sort(ids)  # order: sorted row -> token * k + slot
+        # offs[e] = rows of experts <= e: the group ends, as the MXFP4 grouped GEMM takes them.
+        offs = torch.searchsorted(sorted_ids, torch.arange(n_experts, device=x.device, dtype=sorted_ids.dtype),
+                                  right=True).to(torch.int32)
+        # Each expert that has rows adds at most one partial row tile: a bound without a host sync.
+        row_tiles = m // tiles.block_m + min(n_experts, m) + 1
+    else:
+        order = offs = ids  # unused
+        row_tiles = m
+    hid = torch.empty(m, i_dim, device=x.device, dtype=x.dtype)  # (M, I), rows in `order`
     y = torch.empty(m, h_dim, device=x.device, dtype=torch.float32)  # (M, H), token-major rows
-    # Each expert that has rows adds at most one partial row tile: no host sync needed for the bound.
-    row_tiles = m // tiles.block_m + min(n_experts, m) + 1
     common = dict(
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, E_PAD=_next_pow2(n_experts + 1),
-        MXFP4=w.mxfp4, PAIRS=w.mxfp4 and x.is_cuda and x.dtype == torch.bfloat16, SWAP=tiles.swap,
-        F32_DOT=not x.is_cuda, PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else None,
+        SORTED=sort_rows, MXFP4=w.mxfp4, PAIRS=w.mxfp4 and x.is_cuda and x.dtype == torch.bfloat16,
+        SWAP=tiles.swap, F32_DOT=not x.is_cuda,
+        PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else None,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     gu_strides, gu, gu_scales = _weight_strides(w.gu, w.gu_scales)
     kern._gate_up[(row_tiles, _cdiv(two_i, tiles.block_n))](
-        x, order, offs, gu, gu_scales, w.gate_up_bias, hid, m, h_dim, two_i, n_experts, k, float(alpha),
+        x, ids, order, offs, gu, gu_scales, w.gate_up_bias, hid, m, h_dim, two_i, n_experts, k, float(alpha),
         float(limit), x.stride(0), hid.stride(0), *gu_strides, w.gate_up_bias.stride(0),
         EVEN=h_dim % tiles.block_k == 0, **common)
     d_strides, d, d_scales = _weight_strides(w.d, w.d_scales)
     kern._down[(row_tiles, _cdiv(h_dim, tiles.block_n))](
-        hid, order, offs, d, d_scales, w.down_bias, route, y, m, i_dim, h_dim, n_experts,
+        hid, ids, order, offs, d, d_scales, w.down_bias, route, y, m, i_dim, h_dim, n_experts,
         hid.stride(0), y.stride(0), *d_strides, w.down_bias.stride(0),
         EVEN=i_dim % tiles.block_k == 0, **common)
-    return y.view(n, k, h_dim).sum(1).to(out_dtype)
+    kern._combine[(n, _cdiv(h_dim, _COMBINE_BLOCK))](y, out, h_dim, TOPK=k, BLOCK=_COMBINE_BLOCK)
+    return out
+
+
+_COMBINE_BLOCK = 1024
 
 
 def _weight_strides(wt: torch.Tensor, scales: torch.Tensor | None):
