@@ -38,11 +38,13 @@ from osstune.model import Experts, MXFP4Experts
 CFG = ModelConfig()  # gpt-oss-20b: E = 32, H = I = 2880, top-4
 TOKENS = (1, 4, 16, 64, 256, 512)
 SWEEP = [
-    DecodeTiles(16, 64, 128, 4, 3, True),
+    DecodeTiles(16, 16, 256, 4, 3, True),
     DecodeTiles(16, 32, 128, 4, 3, True),
     DecodeTiles(16, 32, 256, 4, 3, True),
-    DecodeTiles(16, 64, 256, 4, 3, True),
-    DecodeTiles(16, 128, 128, 4, 3, True),
+    DecodeTiles(16, 32, 256, 4, 4, False),
+    DecodeTiles(16, 64, 128, 4, 3, True),
+    DecodeTiles(16, 64, 256, 8, 3, True),
+    DecodeTiles(16, 128, 128, 8, 3, True),
     DecodeTiles(16, 64, 128, 4, 4, False),
     DecodeTiles(32, 64, 128, 4, 3, True),
     DecodeTiles(64, 64, 128, 4, 3, True),

@@ -23,6 +23,7 @@ from osstune.kernels.moe_decode import (
     moe_decode,
     moe_decode_ref,
 )
+from osstune.lora.layers import LoRAExperts
 from osstune.model import Experts, MXFP4Experts
 
 # TRITON_INTERPRET=1 on CPU: set for the whole session in conftest.py.
@@ -183,6 +184,9 @@ def test_bad_inputs():
         moe_decode(ex, x, idx.float(), weights)
     with pytest.raises(MoEDecodeInputError, match="Linear has no"):
         moe_decode(torch.nn.Linear(2, 2), x, idx, weights)
+    # An adapter is never dropped silently: LoRA over the experts is not read as plain experts.
+    with pytest.raises(MoEDecodeInputError, match="LoRAExperts has no"):
+        moe_decode(LoRAExperts(ex, ("gate_up_proj",), r=2, scale=1.0), x, idx, weights)
     with pytest.raises(MoEDecodeInputError, match="block_k"):
         DecodeTiles(block_k=16)
 

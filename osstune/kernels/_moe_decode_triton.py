@@ -75,8 +75,10 @@ def _rows_times_tile(a, w, acc, PAIRS: tl.constexpr, SWAP: tl.constexpr, F32_DOT
         w = w.to(tl.float32)
     if SWAP:
         # The decoded tile is the left operand: Hopper's wgmma can take it from registers.
-        return tl.dot(w, tl.trans(a), acc, input_precision=PRECISION)
-    return tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+        acc = tl.dot(w, tl.trans(a), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit

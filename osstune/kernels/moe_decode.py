@@ -78,13 +78,16 @@ _DTYPES = (torch.bfloat16, torch.float32)
 
 
 def default_tiles(rows: int, x: torch.Tensor) -> DecodeTiles:
-    """Tiles for M = rows routed rows: more rows per tile once the experts get more rows each."""
+    """Tiles for M = rows routed rows. A handful of rows: narrow column tiles, so that the k experts'
+    tiles alone spread over every SM (at batch 1 the down projection has 4 * 2880 / 32 = 360 programs
+    for 132 SMs); then more rows per tile as the experts get more rows each."""
     if not x.is_cuda:
         return INTERPRETER_TILES
     if x.dtype == torch.float32:
         return FLOAT32_TILES
-    block_m = 16 if rows <= 512 else 32 if rows <= 1024 else 64
-    return DecodeTiles(block_m=block_m)
+    if rows <= UNSORTED_MAX_ROWS:
+        return DecodeTiles(block_m=16, block_n=32, block_k=256)
+    return DecodeTiles(block_m=16 if rows <= 512 else 32 if rows <= 1024 else 64)
 
 
 @torch.no_grad()
