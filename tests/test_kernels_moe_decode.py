@@ -157,6 +157,33 @@ def test_wide_scales_int32_ids_and_tiles_interpreter(sort_rows):
     _check_against_model(ex, x, idx.int(), weights, torch.float32, tiles=tiles, sort_rows=sort_rows)
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "mxfp4"])
+def test_unchosen_experts_never_enter_interpreter(fmt):
+    """NaN in every expert the tokens did not choose (biases, dense weights; MXFP4 scale byte 255, which
+    decodes to inf or NaN) leaves the output finite; a NaN in a token gives NaN where the model does."""
+    _interpreter()
+    gen = torch.Generator().manual_seed(5)
+    ex = _experts(TINY, fmt, gen)
+    idx = torch.tensor([[1, 4], [4, 1], [1, 4]])
+    weights = torch.rand(3, 2, generator=gen).softmax(dim=1)
+    with torch.no_grad():
+        for e in set(range(TINY.num_local_experts)) - {1, 4}:
+            tensors = [ex.gate_up_proj_bias, ex.down_proj_bias]
+            tensors += [] if fmt == "mxfp4" else [ex.gate_up_proj, ex.down_proj]
+            for t in tensors:
+                t[e] = float("nan")
+            if fmt == "mxfp4":
+                ex.gate_up_proj_scales[e] = ex.down_proj_scales[e] = 255
+    x = torch.randn(3, TINY.hidden_size, generator=gen)
+    for sort_rows in (False, True):
+        out = moe_decode(ex, x, idx, weights, sort_rows=sort_rows)
+        assert torch.isfinite(out).all()
+        assert _rel(out, ex(x, idx, weights)) <= TOL[torch.float32]
+    # A NaN that the model does meet goes through the SwiGLU's clamps as through torch's.
+    x[1, 0] = float("nan")
+    assert torch.equal(moe_decode(ex, x, idx, weights).isnan(), ex(x, idx, weights).isnan())
+
+
 def test_reference_without_triton(monkeypatch):
     """On CPU without the interpreter moe_decode runs the plain-PyTorch reference."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -41,44 +41,75 @@ from osstune.kernels._mxfp4_gemm_triton import (
 
 
 @triton.jit
-def _weight_tile(W, Scales, cols, col_ok, k0, K, stride_wn, stride_wk, stride_sn,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr, PAIRS: tl.constexpr,
-                 EVEN: tl.constexpr):
-    """(BLOCK_N, BLOCK_K) tile of one expert's W^T (output-major) at columns `cols`, inputs
-    [k0, k0 + BLOCK_K). W and Scales point at the expert. MXFP4 with PAIRS: bf16 holding
-    weight * 2**-64; MXFP4 otherwise: float32; dense: W's dtype. Past K or N: zeros."""
-    if MXFP4:
-        packed = _load_packed(W, cols, col_ok, k0, K, stride_wn, BLOCK_K, EVEN)
-        sc = _load_scales(Scales, cols, col_ok, k0, K, stride_sn, BLOCK_K)
-        if PAIRS:
-            w = _decode_pairs(packed, sc, BLOCK_N, BLOCK_K)
-        else:
-            w = _decode(packed, sc, BLOCK_N, BLOCK_K)
+def _mxfp4_tile(W, sc, cols, col_ok, k0, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PAIRS: tl.constexpr, EVEN: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) tile of one expert's packed W (output-major) at rows `cols`, inputs
+    [k0, k0 + BLOCK_K), with its scales sc already loaded. PAIRS: bf16 holding weight * 2**-64;
+    otherwise float32. Past K or N: zeros."""
+    packed = _load_packed(W, cols, col_ok, k0, K, stride_wn, BLOCK_K, EVEN)
+    if PAIRS:
+        w = _decode_pairs(packed, sc, BLOCK_N, BLOCK_K)
     else:
-        ks = k0 + tl.arange(0, BLOCK_K)
-        if EVEN:
-            ok = col_ok[:, None]
-        else:
-            ok = col_ok[:, None] & (ks < K)[None, :]
-        w = tl.load(W + ks.to(tl.int64)[None, :] * stride_wk + cols[:, None] * stride_wn, mask=ok, other=0.0)
+        w = _decode(packed, sc, BLOCK_N, BLOCK_K)
     return w
 
 
 @triton.jit
-def _rows_times_tile(a, w, acc, PAIRS: tl.constexpr, SWAP: tl.constexpr, F32_DOT: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """acc += a (BLOCK_M, BLOCK_K) @ w^T, w (BLOCK_N, BLOCK_K); acc (BLOCK_N, BLOCK_M) when SWAP."""
-    if not PAIRS:
-        w = w.to(a.dtype)  # the model multiplies in x's dtype (exact for decoded MXFP4)
-    if F32_DOT:
-        a = a.to(tl.float32)
-        w = w.to(tl.float32)
-    if SWAP:
-        # The decoded tile is the left operand: Hopper's wgmma can take it from registers.
-        acc = tl.dot(w, tl.trans(a), acc, input_precision=PRECISION)
+def _dense_tile(W, cols, col_ok, k0, K, stride_wn, stride_wk, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) tile of one expert's W^T, W stored (in, out) as the model has it."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    if EVEN:
+        ok = col_ok[:, None]
     else:
-        acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
-    return acc
+        ok = col_ok[:, None] & (ks < K)[None, :]
+    return tl.load(W + ks.to(tl.int64)[None, :] * stride_wk + cols[:, None] * stride_wn, mask=ok, other=0.0)
+
+
+@triton.jit
+def _project(A, a_rows, stride_a, row_ok, W, Scales, cols, col_ok, k_end, K, stride_wn, stride_wk, stride_sn,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MXFP4: tl.constexpr,
+             PAIRS: tl.constexpr, SWAP: tl.constexpr, EVEN: tl.constexpr, F32_DOT: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) float32 = A[a_rows] (rows of K inputs) @ W_e^T[:, cols], over inputs [0, k_end).
+    W and Scales point at expert e."""
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if MXFP4:
+        # Scales one step ahead: a byte load is too small for Triton's asynchronous copies, so it
+        # would stall every step (as in the MXFP4 GEMM).
+        sc_next = _load_scales(Scales, cols, col_ok, 0, K, stride_sn, BLOCK_K)
+    for k0 in range(0, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        if EVEN:
+            a_ok = row_ok[:, None]
+        else:
+            a_ok = row_ok[:, None] & (ks < K)[None, :]
+        a = tl.load(A + a_rows[:, None] * stride_a + ks[None, :], mask=a_ok, other=0.0)  # (BLOCK_M, BLOCK_K)
+        if MXFP4:
+            sc = sc_next
+            sc_next = _load_scales(Scales, cols, col_ok, k0 + BLOCK_K, K, stride_sn, BLOCK_K)
+            w = _mxfp4_tile(W, sc, cols, col_ok, k0, K, stride_wn, BLOCK_N, BLOCK_K, PAIRS, EVEN)
+        else:
+            w = _dense_tile(W, cols, col_ok, k0, K, stride_wn, stride_wk, BLOCK_K, EVEN)
+        if not PAIRS:
+            w = w.to(a.dtype)  # the model multiplies in x's dtype (exact for decoded MXFP4)
+        if F32_DOT:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        if SWAP:
+            # The decoded tile is the left operand: Hopper's wgmma can take it from registers.
+            acc = tl.dot(w, tl.trans(a), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+    if SWAP:
+        out = tl.trans(acc)
+    else:
+        out = acc
+    if PAIRS:
+        out = out * _TWO_POW_64
+    return out
 
 
 @triton.jit
@@ -120,35 +151,17 @@ def _gate_up(X, Ids, Order, Offs, W, Scales, Bias, Hout, M, K, N, E, TOPK, alpha
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     k_end = tl.where(valid, K, 0)  # a loop bound, not an `if`, keeps the loop where the pipeliner finds it
-    w_base = W + expert * stride_we
-    s_base = Scales + expert * stride_se
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        if EVEN:
-            x_ok = row_ok[:, None]
-        else:
-            x_ok = row_ok[:, None] & (ks < K)[None, :]
-        x = tl.load(X + token[:, None] * stride_x + ks[None, :], mask=x_ok, other=0.0)  # (BLOCK_M, BLOCK_K)
-        w = _weight_tile(w_base, s_base, cols, col_ok, k0, K, stride_wn, stride_wk, stride_sn,
-                         BLOCK_N, BLOCK_K, MXFP4, PAIRS, EVEN)
-        acc = _rows_times_tile(x, w, acc, PAIRS, SWAP, F32_DOT, PRECISION)
-    if SWAP:
-        out = tl.trans(acc)
-    else:
-        out = acc
-    if PAIRS:
-        out = out * _TWO_POW_64
+    out = _project(X, token, stride_x, row_ok, W + expert * stride_we, Scales + expert * stride_se, cols, col_ok,
+                   k_end, K, stride_wn, stride_wk, stride_sn, BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, PAIRS, SWAP, EVEN,
+                   F32_DOT, PRECISION)  # (BLOCK_M, BLOCK_N)
     bias = tl.load(Bias + expert * stride_be + cols, mask=col_ok, other=0.0)
     # The model adds the bias in x's dtype; rounding it there keeps the two equal for float32 biases too.
     bias = tl.where(valid, bias.to(X.dtype.element_ty).to(tl.float32), 0.0)
     out = out + bias[None, :]
     gate, up = tl.split(tl.reshape(out, (BLOCK_M, BLOCK_N // 2, 2)))  # interleaved [g0, u0, g1, u1, ...]
-    gate = tl.minimum(gate, limit)
-    up = tl.minimum(tl.maximum(up, -limit), limit)
+    # NaN propagates as through torch's clamp (Triton's min/max drop it by default).
+    gate = tl.minimum(gate, limit, propagate_nan=tl.PropagateNan.ALL)
+    up = tl.minimum(tl.maximum(up, -limit, propagate_nan=tl.PropagateNan.ALL), limit, propagate_nan=tl.PropagateNan.ALL)
     h = (up + 1.0) * gate * tl.sigmoid(alpha * gate)  # invalid rows: gate = 0, so h = 0
     hcols = tl.program_id(1) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
     tl.store(Hout + rows.to(tl.int64)[:, None] * stride_h + hcols[None, :], h.to(Hout.dtype.element_ty),
@@ -176,28 +189,9 @@ def _down(Hin, Ids, Order, Offs, W, Scales, Bias, RouteW, Y, M, K, N, E,
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     k_end = tl.where(valid, K, 0)
-    w_base = W + expert * stride_we
-    s_base = Scales + expert * stride_se
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        if EVEN:
-            h_ok = row_ok[:, None]
-        else:
-            h_ok = row_ok[:, None] & (ks < K)[None, :]
-        h = tl.load(Hin + rows[:, None] * stride_h + ks[None, :], mask=h_ok, other=0.0)  # (BLOCK_M, BLOCK_K)
-        w = _weight_tile(w_base, s_base, cols, col_ok, k0, K, stride_wn, stride_wk, stride_sn,
-                         BLOCK_N, BLOCK_K, MXFP4, PAIRS, EVEN)
-        acc = _rows_times_tile(h, w, acc, PAIRS, SWAP, F32_DOT, PRECISION)
-    if SWAP:
-        out = tl.trans(acc)
-    else:
-        out = acc
-    if PAIRS:
-        out = out * _TWO_POW_64
+    out = _project(Hin, rows, stride_h, row_ok, W + expert * stride_we, Scales + expert * stride_se, cols, col_ok,
+                   k_end, K, stride_wn, stride_wk, stride_sn, BLOCK_M, BLOCK_N, BLOCK_K, MXFP4, PAIRS, SWAP, EVEN,
+                   F32_DOT, PRECISION)  # (BLOCK_M, BLOCK_N)
     bias = tl.load(Bias + expert * stride_be + cols, mask=col_ok, other=0.0)
     bias = tl.where(valid, bias.to(Hin.dtype.element_ty).to(tl.float32), 0.0)
     out = out + bias[None, :]
