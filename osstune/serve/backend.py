@@ -1,5 +1,6 @@
 """The one place that decides how the runner's operations execute: plain-PyTorch references, or our
-kernels with CUDA graphs for decode steps.
+kernels (paged attention with sinks, `moe_decode` for the experts, the training grouped GEMMs for
+adapters' experts) with CUDA graphs for decode steps.
 
 `Backend.reference()` is the definition (and what a CPU runs); `Backend.for_device` picks kernels on
 CUDA unless told otherwise. The runner calls only these methods, so which path ran is decided once.
@@ -89,9 +90,9 @@ class Backend:
     def experts(self, experts, x, idx, weights) -> torch.Tensor:
         if not self.kernels:
             return experts(x, idx, weights)
-        from osstune.fast.hooks import fast_experts
+        from osstune.kernels.moe_decode import moe_decode  # the training GEMMs from 512 tokens on
 
-        return fast_experts(experts, x, idx, weights)
+        return moe_decode(experts, x, idx, weights)
 
     def lora_experts(self, wrapper, x, idx, weights) -> torch.Tensor:
         if not self.kernels:
