@@ -231,3 +231,20 @@ def test_async_streams_and_cancellation_free_the_cache(model):
     for (toks, reason), q in zip(results[:3], p):
         assert toks == reference(model, q, 6) and reason == "length"
     assert eng.stats().kv_blocks_used == 0
+
+
+def test_kernel_path_equals_generate_under_the_interpreter(model):
+    """The GPU path (paged attention, moe_decode, fused norm and rotary kernels), run by Triton's CPU
+    interpreter in float32: same greedy tokens as the reference generate."""
+    from osstune.kernels._backend import triton_interpreter_problem, triton_interpreting
+
+    if not triton_interpreting() or triton_interpreter_problem() is not None:
+        pytest.skip("needs Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest on CPU machines)")
+    eng = LLMEngine(model, EngineConfig(block_size=16, num_kv_blocks=16, max_num_batched_tokens=24, kernels="kernels"),
+                    log=lambda s: None)
+    assert eng.backend.kernels
+    p = prompts_of((19, 4), seed=6)
+    got, _ = run(eng, {0: [(f"r{i}", q, SamplingParams(max_tokens=3, temperature=0.0, ignore_stop=True), None)
+                           for i, q in enumerate(p)]})
+    for i, q in enumerate(p):
+        assert got[f"r{i}"] == reference(model, q, 3)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from osstune.kernels.norm_rope import add_rms_norm, add_rms_norm_ref, rope_qk_, rope_qk_ref
 from osstune.model import attention_allowed, sink_attention
 
 if TYPE_CHECKING:
@@ -69,6 +70,15 @@ class Backend:
         return "kernels" if self.kernels else "reference"
 
     # ---- operations ----
+
+    def add_rms_norm(self, x, weight, eps, residual):
+        """(RMSNorm(x + residual), x + residual); residual None: (RMSNorm(x), x)."""
+        if not self.kernels:
+            return add_rms_norm_ref(x, weight, eps, residual)
+        return add_rms_norm(x, weight, eps, residual)
+
+    def rope_qk_(self, q, k, positions, inv_freq, scale) -> None:
+        (rope_qk_ if self.kernels else rope_qk_ref)(q, k, positions, inv_freq, scale)
 
     def write_kv(self, k, v, k_cache, v_cache, slots) -> None:
         if not self.kernels:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from osstune.model import GptOss, apply_rotary
+from osstune.model import GptOss
 from osstune.serve.adapters import AdapterSet
 from osstune.serve.backend import Backend
 from osstune.serve.kv_blocks import KVGroup
@@ -151,26 +151,28 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inp: StepInputs) -> torch.Tensor:
         """Hidden states (N, H) after the final norm, with every layer's keys/values written."""
-        model, cfg = self.model, self.cfg
+        model, cfg, be = self.model, self.cfg, self.backend
+        rotary = model.model.rotary
+        eps = cfg.rms_norm_eps
         x = model.model.embed_tokens(inp.input_ids)  # (N, H)
         n = x.shape[0]
-        cos, sin = model.model.rotary(inp.positions[None])  # (1, N, D/2)
+        residual = None  # the last block's output, added to x inside the next norm
         for li, layer in enumerate(model.model.layers):
             group, pair = self.layer_slot[li]
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
+            h, x = be.add_rms_norm(x, layer.input_layernorm.weight, eps, residual)
             q, k, v = self._project_qkv(attn, h, li, inp.adapter_slices)
-            q = apply_rotary(q.view(1, n, cfg.num_attention_heads, cfg.head_dim), cos, sin)[0]  # (N, Q, D)
-            k = apply_rotary(k.view(1, n, cfg.num_key_value_heads, cfg.head_dim), cos, sin)[0]  # (N, K, D)
+            q = q.view(n, cfg.num_attention_heads, cfg.head_dim)
+            k = k.view(n, cfg.num_key_value_heads, cfg.head_dim)
             v = v.view(n, cfg.num_key_value_heads, cfg.head_dim)
+            be.rope_qk_(q, k, inp.positions, rotary.inv_freq, rotary.scale)
             kc, vc = self.k_caches[pair], self.v_caches[pair]
-            self.backend.write_kv(k, v, kc, vc, inp.slots[group])
-            o = self.backend.attention(q, kc, vc, attn.sinks, inp, group, attn.window)  # (N, Q, D)
-            o = o.reshape(n, -1)
-            x = x + self._project(attn.o_proj, o, f"model.layers.{li}.self_attn.o_proj", inp.adapter_slices)
-            h = layer.post_attention_layernorm(x)
-            x = x + self._moe(layer.mlp, h, li, inp.adapter_slices)
-        return model.model.norm(x)
+            be.write_kv(k, v, kc, vc, inp.slots[group])
+            o = be.attention(q, kc, vc, attn.sinks, inp, group, attn.window).reshape(n, -1)  # (N, Q*D)
+            residual = self._project(attn.o_proj, o, f"model.layers.{li}.self_attn.o_proj", inp.adapter_slices)
+            h, x = be.add_rms_norm(x, layer.post_attention_layernorm.weight, eps, residual)
+            residual = self._moe(layer.mlp, h, li, inp.adapter_slices)
+        return be.add_rms_norm(x, model.model.norm.weight, eps, residual)[0]
 
     def _project(self, module, x: torch.Tensor, path: str, slices) -> torch.Tensor:
         y = module(x)
