@@ -278,26 +278,51 @@ def run_hf_batch(args) -> dict:
 
 
 def run_profile(args) -> dict:
+    """Kernel tables of eager steps: decode at batch 1, decode at batch 64, and a prefill step of
+    `--budget` tokens (where a throughput run spends its time)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from osstune.serve.types import SamplingParams
 
     model, _ = _model(args.preset)
-    eng, _ = _engine(model, max_num_seqs=16, cuda_graph_max_batch=0)
-    eng.add_request(_prompts(1, 256, seed=0)[0], SamplingParams(max_tokens=40, temperature=0.0, ignore_stop=True))
-    for _ in range(8):
-        eng.step()
-    _sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            eng.step()
+    eng, _ = _engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.budget, cuda_graph_max_batch=0)
+    out = {"scenario": "profile"}
+
+    def prof(name: str, steps: int) -> None:
         _sync()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    path = Path(args.out) / f"profile_{args.preset}.txt"
-    path.write_text(table)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                eng.step()
+            _sync()
+            wall = (time.perf_counter() - t0) / steps
+        table = p.key_averages().table(sort_by="cuda_time_total", row_limit=22)
+        (Path(args.out) / f"profile_{args.preset}_{name}.txt").write_text(table)
+        cuda_us = sum(e.self_device_time_total for e in p.key_averages()) / steps
+        out[name] = {"wall_ms": wall * 1e3, "gpu_ms": cuda_us / 1e3}
+        log(f"profile {name}: {wall * 1e3:.2f} ms a step (wall, profiled), {cuda_us / 1e3:.2f} ms of GPU time")
+
+    long = SamplingParams(max_tokens=400, temperature=0.0, ignore_stop=True)
+    eng.add_request(_prompts(1, 256, seed=0)[0], long)
+    for _ in range(6):
+        eng.step()
+    prof("decode1", 5)
     eng.shutdown()
-    return {"scenario": "profile", "table": str(path), "top": table.splitlines()[:30]}
+    for p in _prompts(64, 256, seed=1):
+        eng.add_request(p, long)
+    while len(eng.scheduler.running) < 64 or any(r.num_computed < 256 for r in eng.scheduler.running):
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    prof("decode64", 5)
+    eng.shutdown()
+    for p in _prompts(args.budget // 1024 * 2, 1024, seed=2):
+        eng.add_request(p, long)
+    eng.step()
+    prof("prefill", 1)
+    eng.shutdown()
+    return out
 
 
 SCENARIOS = {"batch1": run_batch1, "throughput": run_throughput, "mixed": run_mixed, "ref": run_ref,

@@ -29,11 +29,15 @@ from dataclasses import dataclass, field
 NULL_BLOCK = 0
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, salt: str = "", start: list[int] | None = None) -> list[int]:
-    """Chained hashes of every full block of `token_ids`; `start`: hashes already computed (extended)."""
-    hashes = list(start or [])
+def block_hashes(
+    token_ids: Sequence[int], block_size: int, salt: str = "", start: list[int] | None = None, stop: int | None = None
+) -> list[int]:
+    """Chained hashes of the full blocks of `token_ids` (the first `stop` blocks when given); `start`:
+    hashes already computed, extended in place."""
+    hashes = start if start is not None else []
     parent = hashes[-1] if hashes else int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest(), "little")
-    for i in range(len(hashes), len(token_ids) // block_size):
+    end = len(token_ids) // block_size if stop is None else stop
+    for i in range(len(hashes), end):
         chunk = token_ids[i * block_size : (i + 1) * block_size]
         h = hashlib.blake2b(parent.to_bytes(8, "little"), digest_size=8)
         h.update(b"".join(t.to_bytes(4, "little") for t in chunk))
@@ -246,7 +250,7 @@ class KVCacheManager:
         if full <= state.registered or not self.pool.enable_caching:
             return
         if len(state.hashes) < full:
-            state.hashes = block_hashes(token_ids[: full * self.block_size], self.block_size, salt, state.hashes)
+            state.hashes = block_hashes(token_ids, self.block_size, salt, state.hashes, stop=full)
         for j in range(state.registered, full):
             for g in self.groups:
                 b = state.tables[g.name][j]

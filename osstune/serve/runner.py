@@ -127,20 +127,23 @@ class ModelRunner:
                 slices[-1] = (c.adapter, slices[-1][1], int(cu[i + 1]))
             else:
                 slices.append((c.adapter, int(cu[i]), int(cu[i + 1])))
-        dev = self.device
-
-        def put(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(a).to(dtype).to(dev, non_blocking=True)
-
+        # Two host-to-device copies for the whole step: one int64 buffer, one int32 buffer, then views.
+        rows = cu[1:][sample_idx] - 1
+        groups = self.groups
+        wide = torch.from_numpy(np.concatenate([ids, pos, *(slots[g] for g in groups), rows]))
+        narrow = torch.from_numpy(np.concatenate([starts + lens, cu, *(tables[g].ravel() for g in groups)]).astype(np.int32))
+        wide, narrow = wide.to(self.device, non_blocking=True), narrow.to(self.device, non_blocking=True)
+        w_parts = wide.split([n, n, *([n] * len(groups)), len(rows)])
+        n_parts = narrow.split([s, s + 1, *([s * width] * len(groups))])
         inputs = StepInputs(
-            input_ids=put(ids, torch.long),
-            positions=put(pos, torch.long),
-            slots={g: put(v, torch.long) for g, v in slots.items()},
-            block_tables={g: put(t, torch.int32) for g, t in tables.items()},
-            seq_lens=put(starts + lens, torch.int32),
-            cu_seqlens_q=put(cu, torch.int32),
+            input_ids=w_parts[0],
+            positions=w_parts[1],
+            slots=dict(zip(groups, w_parts[2 : 2 + len(groups)])),
+            block_tables={g: t.view(s, width) for g, t in zip(groups, n_parts[2:])},
+            seq_lens=n_parts[0],
+            cu_seqlens_q=n_parts[1],
             max_query_len=int(lens.max()),
-            sample_rows=put(cu[1:][sample_idx] - 1, torch.long),
+            sample_rows=w_parts[-1],
             adapter_slices=slices,
             host_seqs=[(c.start, len(c.token_ids), c.tables) for c in chunks] if not self.backend.kernels else [],
         )

@@ -42,14 +42,15 @@ def uniforms(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tens
 
 @dataclass
 class SamplingBatch:
-    temperature: torch.Tensor  # (B,) float32; 0 is greedy
-    top_k: torch.Tensor  # (B,) int64; 0 keeps every token
-    top_p: torch.Tensor  # (B,) float32
-    seeds: torch.Tensor  # (B,) int64
-    steps: torch.Tensor  # (B,) int64 output tokens before this one
     any_random: bool
     any_filter: bool
     all_random: bool
+    # None when every row is greedy (nothing to copy to the device).
+    temperature: torch.Tensor | None = None  # (B,) float32; 0 is greedy
+    top_k: torch.Tensor | None = None  # (B,) int64; 0 keeps every token
+    top_p: torch.Tensor | None = None  # (B,) float32
+    seeds: torch.Tensor | None = None  # (B,) int64
+    steps: torch.Tensor | None = None  # (B,) int64 output tokens before this one
 
     @classmethod
     def build(cls, chunks, device) -> SamplingBatch:
@@ -61,6 +62,8 @@ class SamplingBatch:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         random = [x > 0 for x in temps]
+        if not any(random):
+            return cls(any_random=False, any_filter=False, all_random=False)
         return cls(
             temperature=t(temps, torch.float32),
             top_k=t(ks, torch.int64),

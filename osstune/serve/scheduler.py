@@ -36,14 +36,19 @@ class Request:
     num_emitted: int = 0  # output tokens already streamed
     admitted: bool = False
     finish_reason: str | None = None
+    # prompt + output, kept as one list (a step slices it; building it anew each step costs O(length)).
+    token_ids: list[int] = field(init=False)
 
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def __post_init__(self) -> None:
+        self.token_ids = self.prompt_token_ids + self.output_token_ids
+
+    def append(self, token: int) -> None:
+        self.output_token_ids.append(token)
+        self.token_ids.append(token)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.token_ids)
 
     @property
     def salt(self) -> str:
@@ -208,7 +213,7 @@ class Scheduler:
             req.num_computed = chunk.start + len(chunk.token_ids)
             token = sampled.get(chunk.request_id) if chunk.sample else None
             if token is not None:
-                req.output_token_ids.append(token)
+                req.append(token)
                 p = req.params
                 if not p.ignore_stop and token in p.stop_token_ids:
                     req.finish_reason = "stop"
