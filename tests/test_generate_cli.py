@@ -4,6 +4,7 @@ line, bad rows named by file and line before the model is loaded."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -11,13 +12,15 @@ import signal
 import pytest
 import torch
 
-from osstune.cli import main
+from osstune.cli import build_parser, main
 from osstune.data.conversation import parse_row
 from osstune.data.render import RenderOptions, harmony_encoding, render_prompt
+from osstune.infer.batch import _result_record
 from osstune.infer.batch_output import OutputFile, resume_point
 from osstune.infer.batch_rows import PromptRow
 from osstune.infer.chat import parse_completion
 from osstune.infer.generate import generate
+from osstune.serve.types import RequestOutput
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 WHY = {"role": "user", "content": "Why is the sky blue? Explain it."}
@@ -57,9 +60,18 @@ def _without_cache(records: list[dict]) -> list[dict]:
 def full_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("gen")
     _write_input(d / "in.jsonl", LINES)
-    rc = main([*BASE, "--input", str(d / "in.jsonl"), "--output", str(d / "out.jsonl"), "--skip-invalid"])
-    assert rc == 0
+    args = build_parser().parse_args([*BASE, "--input", str(d / "in.jsonl"), "--output", str(d / "out.jsonl"), "--skip-invalid"])
+    log = io.StringIO()
+    assert args.func(args, log=log) == 0
+    d.joinpath("log.txt").write_text(log.getvalue())
     return d
+
+
+def test_run_reports_skipped_rows_and_progress(full_run):
+    log = (full_run / "log.txt").read_text()
+    assert f"skipping 3 invalid row(s) (--skip-invalid), the first: {full_run / 'in.jsonl'}:3: invalid JSON" in log
+    assert "1 row(s): --max-tokens lowered to what the context (77) leaves" in log
+    assert "generate: 4/4 rows (100%), 14 tokens" in log and "tokens/s" in log
 
 
 def test_outputs_in_input_order_equal_generate(full_run):
@@ -177,3 +189,18 @@ def test_bad_options_are_named(tmp_path, monkeypatch, capsys):
     assert "block_size=12" in capsys.readouterr().err
     assert main([*argv, "--adapter", str(tmp_path / "nope")]) == 1
     assert str(tmp_path / "nope") in capsys.readouterr().err
+
+
+def test_tool_call_row():
+    enc = harmony_encoding()
+    text = (
+        "<|channel|>analysis<|message|>need weather<|end|><|start|>assistant to=functions.get_weather"
+        '<|channel|>commentary <|constrain|>json<|message|>{"city": "Oslo"}<|call|>'
+    )
+    tokens = enc.encode(text, allowed_special="all")
+    row = PromptRow(0, 3, "w", [1, 2, 3])
+    record = _result_record(enc, row, tokens, RequestOutput("0", tokens, len(tokens), 3, True, "stop"))
+    assert record["tool_call"] == {"recipient": "functions.get_weather", "content_type": "<|constrain|>json",
+                                   "arguments": '{"city": "Oslo"}'}
+    assert (record["final"], record["reasoning"], record["valid"], record["finish_reason"]) == ("", "need weather", True, "stop")
+    assert (record["id"], record["line"], record["completion_tokens"], record["prompt_sha"]) == ("w", 3, len(tokens), row.digest)

@@ -104,6 +104,8 @@ def run_generate(args: argparse.Namespace, log: TextIO | None = None) -> int:
         print(f"skipping {len(problems)} invalid row(s) (--skip-invalid), the first: {problems[0]}", file=log)
     if not rows:
         raise ValueError(f"{args.input}: no row to generate")
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise ValueError(f"--output {args.output} is the input file; give another file name")
 
     out = OutputFile(args.output, rows, overwrite=args.overwrite, source=args.input)
     if out.num_written:
@@ -301,12 +303,13 @@ class Progress:
         self.tty = stream.isatty()
         self.interval = 0.25 if self.tty else 10.0
         self.t0 = self.last = time.perf_counter()
+        self.shown: tuple[int, int] | None = None
 
     def update(self, done: int, tokens: int, force: bool = False) -> None:
         now = time.perf_counter()
-        if not force and now - self.last < self.interval:
+        if (not force and now - self.last < self.interval) or self.shown == (done, tokens):
             return
-        self.last = now
+        self.last, self.shown = now, (done, tokens)
         elapsed = max(now - self.t0, 1e-9)
         rate = (done - self.first) / elapsed
         left = f", {_duration((self.total - done) / rate)} left" if rate > 0 and done < self.total else ""
