@@ -204,3 +204,36 @@ def test_tool_call_row():
                                    "arguments": '{"city": "Oslo"}'}
     assert (record["final"], record["reasoning"], record["valid"], record["finish_reason"]) == ("", "need weather", True, "stop")
     assert (record["id"], record["line"], record["completion_tokens"], record["prompt_sha"]) == ("w", 3, len(tokens), row.digest)
+
+
+def test_rows_the_cache_cannot_hold_fail_alone(full_run):
+    # 11 KV blocks of 16 tokens (float32 tiny: 16 KiB each): rows of up to 64 tokens in all fit (4 full-
+    # attention + 5 sliding-window blocks), the 66- and 77-token rows never can; the others go on.
+    out = full_run / "small-cache.jsonl"
+    args = build_parser().parse_args([*BASE, "--input", str(full_run / "in.jsonl"), "--output", str(out),
+                                      "--skip-invalid", "--kv-cache-gb", str(11 * 16384 / 2**30 + 1e-9)])
+    log = io.StringIO()
+    assert args.func(args, log=log) == 0
+    assert "2 row(s) could not run" in log.getvalue()
+    got, full = _records(out), _records(full_run / "out.jsonl")
+    assert [r["id"] for r in got] == [1, "sum", 4, 5]
+    for i in (1, 3):
+        assert got[i]["finish_reason"] == "error" and "KV blocks" in got[i]["error"] and "--kv-cache-gb" in got[i]["error"]
+    assert _without_cache([got[0], got[2]]) == _without_cache([full[0], full[2]])
+
+
+@pytest.mark.gpu
+def test_generate_on_the_gpu(tmp_path, capsys):
+    # The kernels path (CUDA graphs, paged attention kernels): every row answered, in input order,
+    # and with a seed the same answers again.
+    rows = [{"messages": [{"role": "user", "content": f"Question number {i}: " + "why? " * (i * 7)}]} for i in range(24)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["generate", "--model", "tiny", "--device", "cuda", "--input", str(tmp_path / "in.jsonl"),
+            "--max-tokens", "32", "--seed", "7", "--max-num-seqs", "8", "--kv-cache-gb", "1"]
+    assert main([*argv, "--output", str(tmp_path / "a.jsonl")]) == 0
+    assert main([*argv, "--output", str(tmp_path / "b.jsonl")]) == 0
+    a, b = _records(tmp_path / "a.jsonl"), _records(tmp_path / "b.jsonl")
+    assert [r["line"] for r in a] == list(range(1, 25))
+    assert all(r["finish_reason"] in ("stop", "length") and r["completion_tokens"] >= 1 for r in a)
+    assert _without_cache(a) == _without_cache(b)
+    assert "tokens/s" in capsys.readouterr().err
