@@ -283,3 +283,18 @@ def test_chat_prompt_equals_the_training_renderer_context(enc, effort):
     expected = render_prompt(conversation, RenderOptions(reasoning_effort=effort))
     user = Message.from_role_and_content(Role.USER, QUESTION)
     assert build_prompt(enc, [user], reasoning_effort=effort, developer_instructions=ROBOT) == expected
+
+
+def test_chat_repl_outlives_a_conversation_longer_than_the_context(enc, monkeypatch, capsys):
+    engine = ScriptedEngine([_tokens(enc, ANSWER_1), _tokens(enc, ANSWER_2)])
+    engine.max_model_len = 110  # the first turn fits, the second outgrows it
+    monkeypatch.setattr("osstune.load_model", lambda name, **kw: None)
+    monkeypatch.setattr("osstune.infer.chat.chat_engine", lambda *a, **kw: engine)
+    args = _parse(["--model", "scripted", "--temperature", "0"])
+    stdin = io.StringIO("Hi\n" + "And now? " * 20 + "\n/reset\nHi\n")
+    with pytest.warns(UserWarning, match="max_new_tokens=2048 would run past the context"):
+        assert args.func(args, stdin=stdin) == 0
+    out, err = capsys.readouterr()
+    assert out == "Hello there.\nSecond.\n"
+    assert "error: the conversation has" in err and "the context is 110" in err and "/reset starts a new conversation" in err
+    assert len(engine.prompts) == 2  # the one that did not fit never reached the engine
