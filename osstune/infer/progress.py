@@ -16,6 +16,7 @@ class StopOnInterrupt:
     def __init__(self, log: TextIO) -> None:
         self.log = log
         self.asked = False
+        self._installed = False
         self._previous = None
 
     def _handler(self, signum, frame) -> None:
@@ -25,13 +26,15 @@ class StopOnInterrupt:
         print("\nstopping after this step (Ctrl-C again to stop at once)", file=self.log, flush=True)
 
     def __enter__(self) -> StopOnInterrupt:
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
             self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        if self._installed:
+            # None: the handler was not set from Python; the default one is the closest.
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
 
 
 class Progress:
