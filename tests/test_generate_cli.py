@@ -187,6 +187,8 @@ def test_bad_options_are_named(tmp_path, monkeypatch, capsys):
     assert "--temperature: temperature=-1.0 must be >= 0" in capsys.readouterr().err
     assert main([*argv, "--block-size", "12"]) == 1
     assert "block_size=12" in capsys.readouterr().err
+    assert main([*argv, "--max-model-len", "9000"]) == 1
+    assert "--max-model-len 9000 exceeds the model's context (8192)" in capsys.readouterr().err
     assert main([*argv, "--adapter", str(tmp_path / "nope")]) == 1
     assert str(tmp_path / "nope") in capsys.readouterr().err
 

@@ -207,7 +207,9 @@ def _known_context(model: str, max_model_len: int | None) -> int | None:
         context = load_config(model).max_position_embeddings
     else:
         return None
-    return min(context, max_model_len) if max_model_len else context
+    if max_model_len and max_model_len > context:
+        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's context ({context})")
+    return max_model_len or context
 
 
 def _too_long(path, row, context: int):
