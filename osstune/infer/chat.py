@@ -3,8 +3,8 @@
 A turn: render system (reasoning effort) + optional developer instructions + the history + the new
 user message for completion (the prompt ends with `<|start|>assistant`), generate it on the serving
 engine (`osstune.serve`) until `<|return|>` or `<|call|>`, streaming each step's new tokens through
-harmony's parser, then parse the completion into messages. The analysis channel is the chain of thought, the
-final channel the answer. A model that does not speak harmony (random weights, a broken fine-tune)
+harmony's parser, then parse the completion into messages. The analysis channel is the chain of
+thought, the final channel the answer. A model that does not speak harmony (random weights, a broken fine-tune)
 yields text the parser rejects: then the raw decoded text is the answer and `ChatReply.valid` is False.
 """
 
