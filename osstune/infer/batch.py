@@ -48,7 +48,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
     s.add_argument("--seed", type=int, help="row i samples with seed + i: reproducible, and the same when resumed")
     e = p.add_argument_group("engine")
-    e.add_argument("--max-num-seqs", type=int, default=_DEFAULTS.max_num_seqs, help="rows in one step (default: %(default)s)")
+    e.add_argument(
+        "--max-num-seqs", type=int, default=_DEFAULTS.max_num_seqs, help="rows in one step (default: %(default)s)"
+    )
     e.add_argument(
         "--max-num-batched-tokens", type=int, default=_DEFAULTS.max_num_batched_tokens,
         help="tokens in one step (default: %(default)s)",
@@ -59,7 +61,9 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
         "--gpu-memory-utilization", type=float, default=_DEFAULTS.gpu_memory_utilization,
         help="share of the GPU's memory the weights and the KV cache may take (default: %(default)s)",
     )
-    e.add_argument("--block-size", type=int, default=_DEFAULTS.block_size, help="tokens per KV block (default: %(default)s)")
+    e.add_argument(
+        "--block-size", type=int, default=_DEFAULTS.block_size, help="tokens per KV block (default: %(default)s)"
+    )
     e.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     e.add_argument(
         "--dtype", choices=("bfloat16", "float16", "float32"),

@@ -68,7 +68,8 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     if args.adapter:
         print(f"applying adapter {args.adapter}", file=sys.stderr)
     # The serving engine, sized for this one conversation; the adapter runs beside the base weights.
-    engine = chat_engine(model, {"adapter": args.adapter} if args.adapter else None, log=lambda s: print(s, file=sys.stderr))
+    adapters = {"adapter": args.adapter} if args.adapter else None
+    engine = chat_engine(model, adapters, log=lambda s: print(s, file=sys.stderr))
     session = ChatSession(
         engine,
         reasoning_effort=args.reasoning_effort,
