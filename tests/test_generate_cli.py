@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from array import array
 import os
 import signal
 
@@ -97,7 +98,7 @@ def test_outputs_in_input_order_equal_generate(full_run):
 
 
 def test_results_wait_for_their_turn(tmp_path):
-    rows = [PromptRow(i, i + 1, i + 1, [1, 2, i]) for i in range(4)]
+    rows = [PromptRow(i, i + 1, i + 1, array("I", [1, 2, i])) for i in range(4)]
     with OutputFile(tmp_path / "o.jsonl", rows) as out:
         for pos in (2, 3):
             out.put(pos, {"id": pos + 1})
@@ -200,7 +201,7 @@ def test_tool_call_row():
         '<|channel|>commentary <|constrain|>json<|message|>{"city": "Oslo"}<|call|>'
     )
     tokens = enc.encode(text, allowed_special="all")
-    row = PromptRow(0, 3, "w", [1, 2, 3])
+    row = PromptRow(0, 3, "w", array("I", [1, 2, 3]))
     record = _result_record(enc, row, tokens, RequestOutput("0", tokens, len(tokens), 3, True, "stop"))
     assert record["tool_call"] == {"recipient": "functions.get_weather", "content_type": "<|constrain|>json",
                                    "arguments": '{"city": "Oslo"}'}

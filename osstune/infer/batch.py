@@ -1,10 +1,10 @@
 """`osstune generate`: answer every prompt of a file on the serving engine, results in input order.
 
 Rows are read and rendered first (`batch_rows`): a bad row stops the run before the model is loaded,
-naming its file and line (or is skipped, and counted, with --skip-invalid). Every row is then queued
-on one `LLMEngine` at once, so continuous batching keeps the GPU full, and each result is written as
-soon as the rows before it are (`batch_output`), so an interrupted run is resumed by running the same
-command again.
+naming its file and line (or is skipped, and counted, with --skip-invalid). Rows are then queued on
+one `LLMEngine` as others finish, enough to keep every slot of the batch filled, and each result is
+written as soon as the rows before it are (`batch_output`), so an interrupted run is resumed by
+running the same command again.
 """
 
 from __future__ import annotations
@@ -125,7 +125,6 @@ def _generate(args, config: EngineConfig, rows, out, log: TextIO) -> int:
 
     from osstune.data.render import harmony_encoding
     from osstune.serve.engine import LLMEngine, load_for_serving
-    from osstune.serve.types import RequestError
 
     encoding = harmony_encoding()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,36 +135,26 @@ def _generate(args, config: EngineConfig, rows, out, log: TextIO) -> int:
     adapter = "adapter" if args.adapter else None
 
     start = out.num_written
-    failed = shortened = 0
-    for pos in range(start, len(rows)):
-        row = rows[pos]
-        room = engine.max_model_len - len(row.prompt)
-        shortened += 0 < room < args.max_tokens
-        params = _sampling(args, max_tokens=max(1, min(args.max_tokens, room)), seed=row.index)
-        try:
-            engine.add_checked(engine.make_request(row.prompt, params, request_id=str(pos), adapter=adapter))
-        except RequestError as e:  # this row alone cannot run here (context, KV cache): the others go on
-            out.put(pos, _error_record(row, str(e)))
-            failed += 1
-    if shortened:
-        print(f"{shortened} row(s): --max-tokens lowered to what the context ({engine.max_model_len}) leaves", file=log)
-
+    tokens: dict[str, list[int]] = {}  # request id -> its tokens so far
+    feed = _Feeder(args, engine, rows, start, adapter, out)
     progress = Progress(len(rows), start, log)
-    tokens: dict[str, list[int]] = {}
-    finished = start + failed
     with StopOnInterrupt(log) as stop:
         try:
-            while engine.has_unfinished and not stop.asked:
+            while not stop.asked and feed():
                 for u in engine.step():
                     tokens.setdefault(u.request_id, []).extend(u.new_token_ids)
                     if u.finished:
                         pos = int(u.request_id)
                         out.put(pos, _result_record(encoding, rows[pos], tokens.pop(u.request_id), u))
-                        finished += 1
+                        feed.in_flight -= 1
                 out.sync()
-                progress.update(finished, engine.stats_totals["generation"])
+                progress.update(out.num_written + len(out.waiting), engine.stats_totals["generation"])
         finally:
             engine.shutdown()
+    finished = out.num_written + len(out.waiting)
+    if feed.shortened:
+        print(f"{feed.shortened} row(s): --max-tokens lowered to what the context ({engine.max_model_len}) leaves",
+              file=log)
     if stop.asked:
         out.sync()
         progress.close(finished, engine.stats_totals["generation"])
@@ -177,10 +166,42 @@ def _generate(args, config: EngineConfig, rows, out, log: TextIO) -> int:
         raise KeyboardInterrupt
     out.sync()
     progress.close(finished, engine.stats_totals["generation"])
-    if failed:
-        print(f"{failed} row(s) could not run (see their \"error\" in {args.output})", file=log)
+    if feed.failed:
+        print(f"{feed.failed} row(s) could not run (see their \"error\" in {args.output})", file=log)
     print(f"wrote {len(rows)} rows to {args.output}", file=log)
     return 0
+
+
+class _Feeder:
+    """Queues rows on the engine as others finish, keeping `2 x --max-num-seqs` in flight: enough to
+    refill every slot of the batch at once, while the engine holds the token lists of those rows only."""
+
+    def __init__(self, args, engine, rows, start: int, adapter: str | None, out) -> None:
+        self.args, self.engine, self.rows, self.adapter, self.out = args, engine, rows, adapter, out
+        self.next = start
+        self.in_flight = 0
+        self.window = 2 * engine.config.max_num_seqs
+        self.failed = self.shortened = 0
+
+    def __call__(self) -> bool:
+        """Queue what fits in the window; False when every row has finished."""
+        from osstune.serve.types import RequestError
+
+        while self.in_flight < self.window and self.next < len(self.rows):
+            pos, row = self.next, self.rows[self.next]
+            self.next += 1
+            room = self.engine.max_model_len - len(row.prompt)
+            self.shortened += 0 < room < self.args.max_tokens
+            params = _sampling(self.args, max_tokens=max(1, min(self.args.max_tokens, room)), seed=row.index)
+            try:
+                req = self.engine.make_request(row.prompt, params, request_id=str(pos), adapter=self.adapter)
+            except RequestError as e:  # this row alone cannot run here (context, KV cache): the others go on
+                self.out.put(pos, _error_record(row, str(e)))
+                self.failed += 1
+                continue
+            self.engine.add_checked(req)
+            self.in_flight += 1
+        return self.in_flight > 0
 
 
 def _sampling(args, *, max_tokens: int, seed: int | None):

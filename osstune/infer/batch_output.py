@@ -30,26 +30,26 @@ class OutputFile:
             f.truncate(end)  # drops a torn last line, or everything with --overwrite
             os.fsync(f.fileno())
         self.num_written = done
-        self._waiting: dict[int, dict[str, Any]] = {}  # position in `rows` -> finished out of turn
+        self.waiting: dict[int, dict[str, Any]] = {}  # position in `rows` -> finished out of turn
         self._broken = False
         self._file = self.path.open("ab")
 
     def put(self, position: int, record: dict[str, Any]) -> None:
         """The result of `rows[position]`; written now if every row before it is, else kept."""
-        if position < self.num_written or position in self._waiting:
+        if position < self.num_written or position in self.waiting:
             raise AssertionError(f"row {position} is given twice")
-        self._waiting[position] = record
+        self.waiting[position] = record
 
     def sync(self) -> int:
         """Write the rows whose turn has come, flush and fsync; returns how many were written."""
         if self._broken:
             return 0
         end = self.num_written
-        while end in self._waiting:
+        while end in self.waiting:
             end += 1
         if end == self.num_written:
             return 0
-        text = "".join(json.dumps(self._waiting[k], ensure_ascii=False) + "\n" for k in range(self.num_written, end))
+        text = "".join(json.dumps(self.waiting[k], ensure_ascii=False) + "\n" for k in range(self.num_written, end))
         try:
             self._file.write(text.encode("utf-8"))
             self._file.flush()
@@ -60,7 +60,7 @@ class OutputFile:
             self._broken = True
             raise
         for k in range(self.num_written, end):
-            del self._waiting[k]
+            del self.waiting[k]
         count, self.num_written = end - self.num_written, end
         return count
 

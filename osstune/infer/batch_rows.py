@@ -15,7 +15,9 @@ What the model is asked to write is the assistant turn after the last user or to
 from __future__ import annotations
 
 import hashlib
+from array import array
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from osstune.data.conversation import Conversation, parse_row
@@ -33,10 +35,12 @@ class PromptRow:
     index: int  # 0-based position among the file's rows (the per-row seed is seed + index)
     line: int  # 1-based line where the row starts
     id: str | int  # the row's own "id", else its line number
-    prompt: list[int]  # harmony tokens ending with <|start|>assistant
+    # Harmony tokens ending with <|start|>assistant; 4 bytes a token, as a file of many long prompts
+    # is held whole (a list of Python ints takes 36).
+    prompt: array
     reference: str | None = None  # the final answer of a removed assistant turn
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """Identifies the prompt, so a resumed output can be checked against its input."""
         data = b"".join(t.to_bytes(4, "little") for t in self.prompt)
@@ -76,7 +80,7 @@ def prompt_row(value, index: int, line: int, options: RenderOptions = RenderOpti
         index=index,
         line=line,
         id=own_id if own_id is not None else line,
-        prompt=list(render_prompt(conversation, options)),
+        prompt=array("I", render_prompt(conversation, options)),
         reference=reference if answered else None,
     )
 
