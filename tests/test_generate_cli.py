@@ -71,6 +71,7 @@ def full_run(tmp_path_factory):
 def test_run_reports_skipped_rows_and_progress(full_run):
     log = (full_run / "log.txt").read_text()
     assert f"skipping 3 invalid row(s) (--skip-invalid), the first: {full_run / 'in.jsonl'}:3: invalid JSON" in log
+    assert f"{full_run / 'in.jsonl'}: 4 prompts, 254 tokens (longest 75)" in log
     assert "1 row(s): --max-tokens lowered to what the context (77) leaves" in log
     assert "generate: 4/4 rows (100%), 14 tokens" in log and "tokens/s" in log
 

@@ -109,6 +109,8 @@ def run_generate(args: argparse.Namespace, log: TextIO | None = None) -> int:
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise ValueError(f"--output {args.output} is the input file; give another file name")
 
+    total = sum(len(r.prompt) for r in rows)
+    print(f"{args.input}: {len(rows)} prompts, {total} tokens (longest {max(len(r.prompt) for r in rows)})", file=log)
     out = OutputFile(args.output, rows, overwrite=args.overwrite, source=args.input)
     if out.num_written:
         print(f"resuming {args.output}: {out.num_written} of {len(rows)} rows are there", file=log)
