@@ -15,6 +15,7 @@ _COMMANDS = (
     ("osstune.data.cli", "add_commands"),
     ("osstune.train.cli", "add_commands"),
     ("osstune.infer.cli", "add_commands"),
+    ("osstune.infer.batch", "add_command"),
     ("osstune.export", "add_command"),
 )
 

@@ -12,12 +12,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai_harmony import Conversation, Message, RenderConversationConfig, Role
-from torch import nn
 
 from osstune.config import preset
 from osstune.infer import cli as chat_cli
 from osstune.infer.chat import ChatSession, build_prompt, harmony_encoding, parse_completion
-from osstune.infer.generate import SamplingOptions
+from osstune.infer.generate import STOP_TOKENS, SamplingOptions, generate
+from osstune.serve.types import RequestOutput
 from osstune.model import GptOss, init_weights
 
 HARMONY_DATA = Path(__file__).resolve().parent / "data_fixtures" / "harmony"  # from openai/harmony's tests
@@ -90,27 +90,38 @@ def test_parse_completion_never_raises(tokens):
         assert reply.final == enc.decode(tokens)
 
 
-class ScriptedModel(nn.Module):
-    """Stands in for GptOss in `generate`: emits scripted completions, records each prompt it was given."""
+class ScriptedEngine:
+    """Stands in for the serving engine in a chat: answers each request with a scripted completion,
+    streamed two tokens per step, and records each prompt it was given."""
+
+    max_model_len = 8192
 
     def __init__(self, completions: list[list[int]]) -> None:
-        super().__init__()
-        self.config = preset("tiny")
-        self.anchor = nn.Parameter(torch.zeros(1))  # gives `generate` a device
         self.completions = list(completions)
         self.prompts: list[list[int]] = []
         self.pending: list[int] = []
+        self.rid: str | None = None
 
-    def forward(self, input_ids, *, cache=None, return_hidden=False):
-        if input_ids.shape[1] > 1:  # a prefill starts a turn
-            self.prompts.append(input_ids[0].tolist())
-            self.pending = list(self.completions.pop(0))
-        return torch.zeros(*input_ids.shape, 1)
+    def add_request(self, prompt, params, request_id=None, adapter=None) -> str:
+        self.prompts.append(list(prompt))
+        self.pending = list(self.completions.pop(0))[: params.max_tokens]
+        self.rid = f"r{len(self.prompts)}"
+        return self.rid
 
-    def lm_head(self, hidden):
-        logits = torch.zeros(hidden.shape[0], self.config.vocab_size)
-        logits[:, self.pending.pop(0)] = 1.0
-        return logits
+    @property
+    def has_unfinished(self) -> bool:
+        return self.rid is not None
+
+    def step(self) -> list[RequestOutput]:
+        new, self.pending = self.pending[:2], self.pending[2:]
+        done = not self.pending
+        out = RequestOutput(self.rid, new, 0, 0, done, ("stop" if new[-1] in STOP_TOKENS else "length") if done else None)
+        if done:
+            self.rid = None
+        return [out]
+
+    def abort(self, request_id: str) -> None:
+        self.rid = None
 
 
 ANSWER_1 = (
@@ -121,7 +132,7 @@ ANSWER_2 = "<|channel|>final<|message|>Second.<|return|>"
 
 
 def test_session_history_drops_answered_analysis(enc):
-    model = ScriptedModel([_tokens(enc, ANSWER_1), _tokens(enc, ANSWER_2)])
+    model = ScriptedEngine([_tokens(enc, ANSWER_1), _tokens(enc, ANSWER_2)])
     session = ChatSession(model, enc, reasoning_effort="high", developer_instructions=ROBOT)
     streamed: list[tuple[str, str]] = []
     first = session.send("Hi", on_text=lambda ch, d: streamed.append((ch, d)))
@@ -161,9 +172,32 @@ def test_session_with_random_tiny_model_does_not_crash(enc):
     session.send("again")  # the garbage of turn one renders into turn two's prompt
 
 
+def test_two_turn_chat_on_the_engine_equals_reference_generate(enc):
+    # The engine (paged cache, prefix cache reused by turn two) against the plain KV-cache
+    # `generate`, which chat ran on before; the history follows harmony's rules either way.
+    model = init_weights(GptOss(preset("tiny")), seed=5).eval()
+    session = ChatSession(model, enc, reasoning_effort="low", sampling=SamplingOptions(max_new_tokens=8))
+    texts = ["Hello, who are you?", "Tell me more."]
+    replies = [session.send(t) for t in texts]
+    history: list[Message] = []
+    for text, reply in zip(texts, replies):
+        history.append(Message.from_role_and_content(Role.USER, text))
+        prompt = build_prompt(enc, history, reasoning_effort="low")
+        result = generate(model, prompt, max_new_tokens=8)
+        assert reply.tokens == result.tokens[0]
+        expected = parse_completion(enc, result.tokens[0], result.stop_reasons[0])
+        assert (reply.final, reply.analysis, reply.valid, reply.stop_reason) == (
+            expected.final, expected.analysis, expected.valid, expected.stop_reason)
+        if expected.valid:
+            history.extend(m for m in expected.messages if m.channel != "analysis")
+        else:
+            history.append(Message.from_role_and_content(Role.ASSISTANT, expected.final).with_channel("final"))
+    assert session.engine.stats().prefix_cache_hit_tokens_total > 0  # turn two reused turn one's blocks
+
+
 def test_bad_reasoning_effort(enc):
     with pytest.raises(ValueError, match="reasoning_effort='extreme'"):
-        ChatSession(ScriptedModel([]), enc, reasoning_effort="extreme")
+        ChatSession(ScriptedEngine([]), enc, reasoning_effort="extreme")
 
 
 # ---- the `osstune chat` command ----
@@ -196,8 +230,9 @@ def test_chat_command_bad_model_path(capsys, tmp_path):
 
 
 def test_chat_repl_reset_exit_and_reasoning(enc, monkeypatch, capsys):
-    model = ScriptedModel([_tokens(enc, ANSWER_1), _tokens(enc, ANSWER_2)])
-    monkeypatch.setattr("osstune.load_model", lambda name, **kw: model)
+    model = ScriptedEngine([_tokens(enc, ANSWER_1), _tokens(enc, ANSWER_2)])
+    monkeypatch.setattr("osstune.load_model", lambda name, **kw: None)
+    monkeypatch.setattr("osstune.infer.chat.chat_engine", lambda *a, **kw: model)
     args = _parse(["--model", "scripted", "--show-reasoning", "--temperature", "0"])
     stdin = io.StringIO("Hi\n\n/bogus\n/reset\nAnd now?\n/exit\nnever sent\n")
     assert args.func(args, stdin=stdin) == 0
@@ -212,7 +247,6 @@ def test_chat_repl_reset_exit_and_reasoning(enc, monkeypatch, capsys):
 def test_chat_command_applies_the_adapter(enc, tmp_path, capsys):
     from osstune import load_model
     from osstune.cli import main
-    from osstune.infer.generate import generate
     from osstune.lora import LoraConfig, apply_lora, save_adapter
 
     base = load_model("tiny", dtype=torch.float32)
@@ -249,3 +283,18 @@ def test_chat_prompt_equals_the_training_renderer_context(enc, effort):
     expected = render_prompt(conversation, RenderOptions(reasoning_effort=effort))
     user = Message.from_role_and_content(Role.USER, QUESTION)
     assert build_prompt(enc, [user], reasoning_effort=effort, developer_instructions=ROBOT) == expected
+
+
+def test_chat_repl_outlives_a_conversation_longer_than_the_context(enc, monkeypatch, capsys):
+    engine = ScriptedEngine([_tokens(enc, ANSWER_1), _tokens(enc, ANSWER_2)])
+    engine.max_model_len = 110  # the first turn fits, the second outgrows it
+    monkeypatch.setattr("osstune.load_model", lambda name, **kw: None)
+    monkeypatch.setattr("osstune.infer.chat.chat_engine", lambda *a, **kw: engine)
+    args = _parse(["--model", "scripted", "--temperature", "0"])
+    stdin = io.StringIO("Hi\n" + "And now? " * 20 + "\n/reset\nHi\n")
+    with pytest.warns(UserWarning, match="max_new_tokens=2048 would run past the context"):
+        assert args.func(args, stdin=stdin) == 0
+    out, err = capsys.readouterr()
+    assert out == "Hello there.\nSecond.\n"
+    assert "error: the conversation has" in err and "the context is 110" in err and "/reset starts a new conversation" in err
+    assert len(engine.prompts) == 2  # the one that did not fit never reached the engine

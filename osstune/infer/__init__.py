@@ -1,4 +1,5 @@
-"""Inference: generation with the KV cache, harmony chat, the `osstune chat` command."""
+"""Inference: generation with the KV cache; harmony chat (`osstune chat`) and batch generation
+(`osstune generate`) on the serving engine."""
 
 from osstune.infer.generate import STOP_TOKENS, GenerationError, GenerationResult, generate
 

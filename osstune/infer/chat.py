@@ -1,15 +1,17 @@
 """Chatting with a gpt-oss model in the harmony format, rendered and parsed by `openai-harmony`.
 
 A turn: render system (reasoning effort) + optional developer instructions + the history + the new
-user message for completion (the prompt ends with `<|start|>assistant`), generate until `<|return|>`
-or `<|call|>`, parse the completion into messages. The analysis channel is the chain of thought, the
-final channel the answer. A model that does not speak harmony (random weights, a broken fine-tune)
+user message for completion (the prompt ends with `<|start|>assistant`), generate it on the serving
+engine (`osstune.serve`) until `<|return|>` or `<|call|>`, streaming each step's new tokens through
+harmony's parser, then parse the completion into messages. The analysis channel is the chain of
+thought, the final channel the answer. A model that does not speak harmony (random weights, a broken fine-tune)
 yields text the parser rejects: then the raw decoded text is the answer and `ChatReply.valid` is False.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,8 +28,14 @@ from openai_harmony import (
 )
 
 from osstune.data.render import harmony_encoding  # o200k_harmony, loaded offline
-from osstune.infer.generate import STOP_TOKENS, SamplingOptions, generate
+from osstune.infer.generate import STOP_TOKENS, SamplingOptions
+from osstune.lora.layers import LoRAExperts
 from osstune.model import GptOss
+from osstune.serve.config import EngineConfig
+from osstune.serve.engine import LLMEngine
+from osstune.serve.kv_blocks import KVCacheManager
+from osstune.serve.runner import kv_groups
+from osstune.serve.types import RequestError, SamplingParams
 
 REASONING_EFFORTS = {"low": ReasoningEffort.LOW, "medium": ReasoningEffort.MEDIUM, "high": ReasoningEffort.HIGH}
 
@@ -119,24 +127,51 @@ class _ChannelStream:
             self.on_text(self.parser.current_channel, delta)
 
 
+def chat_engine(
+    model: GptOss,
+    adapters: dict[str, str] | None = None,
+    log: Callable[[str], None] | None = None,
+    kernels: str = "auto",
+) -> LLMEngine:
+    """An engine sized for one conversation: one sequence at a time, and a KV cache that holds one
+    sequence of the model's whole context (a few GiB for gpt-oss-20b's 131k tokens) instead of a
+    share of the GPU. Finished turns' blocks stay in the prefix cache, so the next turn, whose prompt
+    starts with this one's, prefills only what is new.
+
+    A model with LoRA wrappers applied in place (`load_adapter`) runs on the reference path: the
+    engine's expert kernels take plain experts (adapters it loads itself run beside them).
+    """
+    if any(isinstance(m, LoRAExperts) for m in model.modules()):
+        kernels = "reference"
+    base = EngineConfig(max_num_seqs=1, cuda_graph_max_batch=1, kernels=kernels)
+    kv = KVCacheManager(2, base.block_size, kv_groups(model), True)  # only to count blocks
+    blocks = kv.max_blocks_needed(model.config.max_position_embeddings, base.max_num_batched_tokens)
+    config = dataclasses.replace(base, num_kv_blocks=blocks + 1)  # + the reserved null block
+    return LLMEngine(model, config, adapters, log=log or (lambda s: None))
+
+
 class ChatSession:
     """A conversation kept across turns, for interactive use.
 
-    `send(text)` renders the whole history each turn (no cache is kept between turns: prefill is the
-    cheap part on a GPU and the rendering stays harmony's). Analysis of answered turns is dropped.
+    `send(text)` renders the whole history each turn (the rendering stays harmony's; the engine's
+    prefix cache keeps what the previous turn computed). Analysis of answered turns is dropped.
+    `model`: a GptOss (an engine sized for one conversation is built for it, see `chat_engine`) or
+    an `LLMEngine` to share; `adapter` names one of the engine's adapters.
     """
 
     def __init__(
         self,
-        model: GptOss,
+        model: GptOss | LLMEngine,
         encoding: HarmonyEncoding | None = None,
         *,
         reasoning_effort: str = "medium",
         developer_instructions: str | None = None,
         sampling: SamplingOptions = SamplingOptions(),
+        adapter: str | None = None,
     ) -> None:
         system_message(reasoning_effort)  # validate now, not at the first turn
-        self.model = model
+        self.engine = chat_engine(model) if isinstance(model, GptOss) else model
+        self.adapter = adapter
         self.encoding = encoding if encoding is not None else harmony_encoding()
         self.reasoning_effort = reasoning_effort
         self.developer_instructions = developer_instructions
@@ -156,13 +191,11 @@ class ChatSession:
         )
 
     def send(self, user_text: str, on_text: Callable[[str | None, str], None] | None = None) -> ChatReply:
-        """One turn. `on_text(channel, delta)` receives the text of each channel as it is generated."""
+        """One turn. `on_text(channel, delta)` receives the text of each channel as it is generated.
+        Raises `RequestError` when the conversation no longer fits the context (then `reset`)."""
         prompt = self.prompt_tokens(user_text)
-        streamer = _ChannelStream(self.encoding, on_text) if on_text is not None else None
-        result = generate(
-            self.model, prompt, stop_tokens=STOP_TOKENS, streamer=streamer, **dataclasses.asdict(self.sampling)
-        )
-        reply = parse_completion(self.encoding, result.tokens[0], result.stop_reasons[0])
+        tokens, stop_reason = self._generate(prompt, _ChannelStream(self.encoding, on_text) if on_text else None)
+        reply = parse_completion(self.encoding, tokens, stop_reason)
         self.history.append(Message.from_role_and_content(Role.USER, user_text))
         if not reply.valid:
             # Keep what the user was shown, so the next turn's context matches the transcript.
@@ -174,3 +207,48 @@ class ChatSession:
             # A tool call or a cut-off answer: the turn is still open, its analysis stays.
             self.history.extend(reply.messages)
         return reply
+
+    def _generate(self, prompt: list[int], streamer: _ChannelStream | None) -> tuple[list[int], str]:
+        """Run one request on the engine, stepping it here; returns (tokens, "stop" or "length")."""
+        opts = self.sampling
+        room = self.engine.max_model_len - len(prompt)
+        if room < 1:
+            raise RequestError(
+                f"the conversation has {len(prompt)} tokens; the context is {self.engine.max_model_len}: start a new one",
+                field="prompt",
+            )
+        if opts.max_new_tokens > room:
+            # As `osstune.infer.generate` did: the answer may use what is left of the context.
+            warnings.warn(
+                f"max_new_tokens={opts.max_new_tokens} would run past the context ({self.engine.max_model_len}) "
+                f"after a {len(prompt)}-token conversation; generating at most {room}",
+                stacklevel=3,
+            )
+        params = SamplingParams(
+            max_tokens=min(opts.max_new_tokens, room),
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            top_k=opts.top_k,
+            seed=opts.seed,
+            stop_token_ids=STOP_TOKENS,
+        )
+        rid = self.engine.add_request(prompt, params, adapter=self.adapter)
+        tokens: list[int] = []
+        reason = None
+        try:
+            while reason is None and self.engine.has_unfinished:
+                for update in self.engine.step():
+                    if update.request_id != rid:
+                        continue
+                    tokens.extend(update.new_token_ids)
+                    if streamer is not None:
+                        for t in update.new_token_ids:
+                            streamer(0, t)
+                    if update.finished:
+                        reason = update.finish_reason
+        finally:
+            if reason is None:  # interrupted (Ctrl-C): free the request's blocks
+                self.engine.abort(rid)
+        if reason not in ("stop", "length"):
+            raise RuntimeError(f"the engine ended the turn with {reason!r}")
+        return tokens, reason

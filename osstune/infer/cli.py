@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from osstune.infer.generate import GenerationError, SamplingOptions
+from osstune.serve.types import RequestError
 
 if TYPE_CHECKING:
     from osstune.infer.chat import ChatSession
@@ -45,8 +46,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     import torch
 
-    import osstune
-    from osstune.infer.chat import ChatSession
+    from osstune.infer.chat import ChatSession, chat_engine
+    from osstune.serve.engine import load_for_serving
 
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
@@ -63,18 +64,18 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"loading {args.model} on {device}", file=sys.stderr)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = osstune.load_model(args.model, device=device, dtype=dtype)
+    model = load_for_serving(args.model, device=device, dtype=dtype)
     if args.adapter:
-        from osstune.lora import load_adapter
-
         print(f"applying adapter {args.adapter}", file=sys.stderr)
-        model = load_adapter(model, args.adapter)
-    model.eval()
+    # The serving engine, sized for this one conversation; the adapter runs beside the base weights.
+    adapters = {"adapter": args.adapter} if args.adapter else None
+    engine = chat_engine(model, adapters, log=lambda s: print(s, file=sys.stderr))
     session = ChatSession(
-        model,
+        engine,
         reasoning_effort=args.reasoning_effort,
         developer_instructions=args.instructions,
         sampling=sampling,
+        adapter="adapter" if args.adapter else None,
     )
     if args.prompt is not None:
         _turn(session, args.prompt, args.show_reasoning, stdout)
@@ -102,7 +103,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
             continue
         try:
             _turn(session, text, args.show_reasoning, stdout)
-        except GenerationError as e:  # e.g. the conversation outgrew the context: keep the session alive
+        except (GenerationError, RequestError) as e:  # e.g. the conversation outgrew the context: keep the session alive
             print(f"error: {e} (/reset starts a new conversation)", file=sys.stderr)
 
 
