@@ -29,7 +29,6 @@ from openai_harmony import (
 
 from osstune.data.render import harmony_encoding  # o200k_harmony, loaded offline
 from osstune.infer.generate import STOP_TOKENS, SamplingOptions
-from osstune.lora.layers import LoRAExperts
 from osstune.model import GptOss
 from osstune.serve.config import EngineConfig
 from osstune.serve.engine import LLMEngine
@@ -137,12 +136,7 @@ def chat_engine(
     sequence of the model's whole context (a few GiB for gpt-oss-20b's 131k tokens) instead of a
     share of the GPU. Finished turns' blocks stay in the prefix cache, so the next turn, whose prompt
     starts with this one's, prefills only what is new.
-
-    A model with LoRA wrappers applied in place (`load_adapter`) runs on the reference path: the
-    engine's expert kernels take plain experts (adapters it loads itself run beside them).
     """
-    if any(isinstance(m, LoRAExperts) for m in model.modules()):
-        kernels = "reference"
     base = EngineConfig(max_num_seqs=1, cuda_graph_max_batch=1, kernels=kernels)
     kv = KVCacheManager(2, base.block_size, kv_groups(model), True)  # only to count blocks
     blocks = kv.max_blocks_needed(model.config.max_position_embeddings, base.max_num_batched_tokens)

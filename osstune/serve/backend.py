@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from osstune.kernels.norm_rope import add_rms_norm, add_rms_norm_ref, rope_qk_, rope_qk_ref
-from osstune.model import attention_allowed, sink_attention
+from osstune.model import Experts, attention_allowed, sink_attention
 
 if TYPE_CHECKING:
     from osstune.serve.runner import ModelRunner, StepInputs
@@ -100,6 +100,8 @@ class Backend:
     def experts(self, experts, x, idx, weights) -> torch.Tensor:
         if not self.kernels:
             return experts(x, idx, weights)
+        if not isinstance(experts, Experts):  # LoRA wrappers applied in place (a trained model in chat)
+            return self.lora_experts(experts, x, idx, weights)
         from osstune.kernels.moe_decode import moe_decode  # the training GEMMs from 512 tokens on
 
         return moe_decode(experts, x, idx, weights)
