@@ -121,7 +121,7 @@ def _hand_counts(name: str, r: int) -> dict[str, int]:
 def test_meta_model_bytes_equal_the_hand_count(name):
     hand = _hand_counts(name, r=8)
     cfg = TrainConfig(model=f"openai/{name}", method="qlora", lora=LoraConfig(targets="all", r=8))
-    counted = count_bytes(cfg, model_config(cfg.model))
+    counted = counted_for(cfg, model_config(cfg.model))
     assert counted.experts == hand["packed_experts"]
     assert counted.adapters == hand["lora_all"]
     assert counted.trainable_values == hand["lora_values_all"]
@@ -137,12 +137,12 @@ def test_meta_model_bytes_match_documented_sizes():
     # 56.7 GiB, 530M LoRA values with 6.0 GiB of masters and moments.
     m20 = model_config("openai/gpt-oss-20b")
     assert serving_weights(m20) / 1e9 == pytest.approx(13.76, rel=0.003)
-    c20 = count_bytes(TrainConfig(model="x", method="qlora", lora=LoraConfig(targets="all")), m20)
+    c20 = counted_for(TrainConfig(model="x", method="qlora", lora=LoraConfig(targets="all")), m20)
     biases = 24 * 32 * (2 * 2880 + 2880) * 2  # bf16 expert biases, which the 9.45 leaves out
     assert (c20.experts - biases) / GIB == pytest.approx(9.45, abs=0.01)
     assert c20.adapters / GIB == pytest.approx(0.17, abs=0.005)
     assert c20.trainable_values / 1e6 == pytest.approx(92.5, abs=0.05)
-    c120 = count_bytes(TrainConfig(model="x", method="qlora", lora=LoraConfig(targets="all")), model_config("openai/gpt-oss-120b"))
+    c120 = counted_for(TrainConfig(model="x", method="qlora", lora=LoraConfig(targets="all")), model_config("openai/gpt-oss-120b"))
     biases = 36 * 128 * (2 * 2880 + 2880) * 2
     assert (c120.experts - biases) / GIB == pytest.approx(56.7, abs=0.05)
     # "530M trainable values ... their float32 masters and moments (6.0 GiB)": 531M on the experts

@@ -83,12 +83,18 @@ def counted_for(cfg: TrainConfig, model: ModelConfig, dtype: torch.dtype = torch
     return _counted(key, model, dtype)
 
 
+@lru_cache(maxsize=8192)
+def _predicted(cfg: TrainConfig, model: ModelConfig, peak_flops: float, degrees: Degrees):
+    counted = counted_for(cfg, model)
+    mem = estimate(cfg, model, degrees, counted=counted)
+    speed = estimate_speed(cfg, model, counted.trainable_values, peak_flops, degrees, packed_experts(cfg, model))
+    return mem, speed
+
+
 def predict(
     cfg: TrainConfig, model: ModelConfig, gpus: GPUs, degrees: Degrees = Degrees(), margin: float = MARGIN
 ) -> Candidate:
-    counted = counted_for(cfg, model)
-    mem = estimate(cfg, model, degrees, counted=counted)
-    speed = estimate_speed(cfg, model, counted.trainable_values, gpus.peak_flops, degrees, packed_experts(cfg, model))
+    mem, speed = _predicted(cfg, model, gpus.peak_flops, degrees)
     usable = ""
     if degrees.gpus > gpus.count:
         usable = f"needs {degrees.gpus} GPUs"
