@@ -125,12 +125,12 @@ def render(plan, everything: bool = False) -> str:
     lines += [f"note: {n}" for n in plan.notes]
     rows = list(plan.candidates) if everything else frontier(plan)
     rows = sorted(rows, key=lambda c: -c.speed.tokens_per_s)
-    head = f"  {'configuration':58s} {'alloc GiB':>9s} {'needs GiB':>9s} {'host GiB':>8s} {'tok/s':>8s}  verdict"
+    head = f"  {'configuration':66s} {'alloc GiB':>9s} {'needs GiB':>9s} {'host GiB':>8s} {'tok/s':>8s}  verdict"
     lines += ["", head]
     for c in rows:
         mark = "*" if c is plan.chosen else " "
         m = c.memory
-        lines.append(f"{mark} {describe(c):58s} {m.allocated / GIB:9.2f} {m.needed / GIB:9.2f} {m.host / GIB:8.2f} "
+        lines.append(f"{mark} {describe(c):66s} {m.allocated / GIB:9.2f} {m.needed / GIB:9.2f} {m.host / GIB:8.2f} "
                      f"{c.speed.tokens_per_s:8,.0f}  {plan.why_not(c)}")  # fmt: skip
     if not everything:
         lines.append(f"({len(rows)} of {len(plan.candidates)} configurations: those no other beats in both speed and "

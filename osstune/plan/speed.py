@@ -4,9 +4,10 @@ A step is `grad_accum` micro-steps of T = micro_batch x seq_len tokens and one o
 
     micro-step = matmul FLOPs / (peak x MATMUL_EFFICIENCY)      (experts x MXFP4_EXPERT_TIME when packed)
                + attention FLOPs / (peak x ATTENTION_EFFICIENCY)
-               + expert LoRA: EXPERT_LORA_TOKEN x T x L x k x r  +  EXPERT_LORA_FIXED x L x E
-               + FIXED_PER_LAYER x L
-    eager (no CUDA graph: layer inputs in host memory): at least EAGER_HOST_PER_LAYER x L of host time
+               + expert LoRA: EXPERT_LORA_TOKEN x T x L x k x r
+               + FIXED_PER_LAYER x L  +  PER_EXPERT x L x E
+    eager (no CUDA graph: layer inputs in host memory): at least the host's time to enqueue it,
+               L x (EAGER_HOST_PER_LAYER + EAGER_HOST_PER_LAYER_TOKEN x T)
     update     = trainable values x the optimizer's time per value (GPU float32, GPU 8-bit, or host)
 
 FLOPs are counted from the shapes as bench/train_throughput.py counts model FLOPs (forward 2x,
@@ -34,18 +35,21 @@ ATTENTION_EFFICIENCY = 0.288
 MXFP4_EXPERT_TIME = 1.23  # packed expert GEMMs against cutlass's bf16 grouped GEMM (pair decoder)
 FIXED_PER_LAYER = 0.80e-3  # launches, norms, rotary, routing: what does not grow with FLOPs
 EXPERT_LORA_TOKEN = 1.35e-8  # per token, layer, routed expert and rank: the low-rank grouped GEMMs
-EXPERT_LORA_FIXED = 2.65e-5  # per layer and expert: their weight gradients
+PER_EXPERT = 2.65e-5  # per layer and expert: what grows with the expert count (grouped GEMM groups, sorting)
 # Not fitted: taken from measurements.
 MXFP4_ATTENTION_TIME = 1.27  # MXFP4 q/k/v/o against bf16 at 2,048 tokens (docs/PERFORMANCE.md)
 KEEP_SAVES = 0.75  # of the base expert GEMMs' recomputation that keep_expert_gemms skips (the
 # policy keeps their outputs; +11-15% tokens/s measured where skipping all would give +17-19%)
-# Measured on the H100 machine (docs/PERFORMANCE.md): the eager step's host time (0.364 s for 24
-# layers at 2,048 tokens), AdamW per trainable value: torch's foreach float32 5.7 ms, the 8-bit
-# kernel 2.0 ms, the host's 0.17 s for 92.5M values (16 cores).
-EAGER_HOST_PER_LAYER = 0.364 / 24
+# Measured on the H100 machine (docs/PERFORMANCE.md): the eager step's host time, 0.364 s at 2,048
+# tokens and 0.625 s at 8,192 for 24 layers ("Why CUDA graphs"), as a line per layer; AdamW per
+# trainable value: torch's foreach float32 5.7 ms, the 8-bit kernel 2.0 ms, on the host 0.17 s
+# (float32) and 1.9 s (8-bit, osstune/train/optim.py's warning) for 92.5M values on 16 cores.
+EAGER_HOST_PER_LAYER = 11.55e-3
+EAGER_HOST_PER_LAYER_TOKEN = 1.77e-6
 ADAM_GPU_FLOAT32 = 5.7e-3 / 92.5e6
 ADAM_GPU_INT8 = 2.0e-3 / 92.5e6
 ADAM_HOST = 0.17 / 92.5e6
+ADAM_HOST_INT8 = 1.9 / 92.5e6
 # The host-memory embedding: gathering the batch's rows on the host, 3-12 ms a micro-step from 2k to
 # 64k tokens (osstune/train/config.py MemoryConfig.embedding).
 HOST_EMBEDDING_FIXED = 3e-3
@@ -126,19 +130,17 @@ def estimate_speed(
     # The terms below were measured on an H100; on another GPU they scale with its peak (a guess:
     # they are bound by launches and memory traffic as much as by FLOPs).
     scale = H100_PEAK / peak_flops
-    fixed = FIXED_PER_LAYER * L
-    r = expert_lora_rank(cfg)
-    if r:
-        fixed += EXPERT_LORA_TOKEN * t * L * model.num_experts_per_tok * r + EXPERT_LORA_FIXED * L * model.num_local_experts
+    fixed = FIXED_PER_LAYER * L + PER_EXPERT * L * model.num_local_experts
+    fixed += EXPERT_LORA_TOKEN * t * L * model.num_experts_per_tok * expert_lora_rank(cfg)
     gpu += fixed * scale
     graphed = cfg.memory.activations == "gpu" and cfg.lora.dropout == 0
     # Eager, the host enqueues every kernel: the step takes at least that long. Layer inputs copied
     # to the host overlap the compute (+0.6% measured, osstune/train/config.py).
-    micro = gpu if graphed else max(gpu * 1.006, EAGER_HOST_PER_LAYER * L)
+    micro = gpu if graphed else max(gpu * 1.006, L * (EAGER_HOST_PER_LAYER + EAGER_HOST_PER_LAYER_TOKEN * t))
     if cfg.memory.embedding == "cpu":
         micro += HOST_EMBEDDING_FIXED + HOST_EMBEDDING_TOKEN * t
     if cfg.memory.optimizer == "cpu":
-        update = ADAM_HOST * trainable_values
+        update = (ADAM_HOST_INT8 if cfg.optim.moments == "int8" else ADAM_HOST) * trainable_values
     else:
         update = (ADAM_GPU_INT8 if cfg.optim.moments == "int8" else ADAM_GPU_FLOAT32) * trainable_values * scale
     # A sharded run: each GPU steps its own micro-batches (dp_shard) or a share of every one (tp/ep);
