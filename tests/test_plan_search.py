@@ -109,19 +109,24 @@ def test_train_plan_check_refuses_before_loading(monkeypatch):
     assert predict(chosen, model_config(chosen.model), _gpus(24)).fits
 
 
-def test_serving_plan(capsys):
+def test_serving_plan_follows_the_engines_block_manager(capsys):
     from osstune.plan.serving import plan_serving
 
     model = model_config("openai/gpt-oss-20b")
-    s = plan_serving(model, _gpus(80), context=8192, concurrency=16)
-    # 12 full layers x (key + value) x 8 heads x 64 x 2 bytes a token.
+    s = plan_serving(model, _gpus(80))
+    # 12 full layers x (key + value) x 8 heads x 64 x 2 bytes a token; a block is a slice of the 12
+    # cache tensor pairs that one full and one sliding layer share.
     assert s.kv.full_bytes_per_token == 12 * 2 * 8 * 64 * 2
-    assert s.sequences_at(8192) * s.sequence_bytes(8192) <= s.kv_budget
-    assert (s.sequences_at(8192) + 1) * s.sequence_bytes(8192) > s.kv_budget
-    longest = s.longest_context(1)
-    assert s.sequence_bytes(longest) <= s.kv_budget and longest == model.max_position_embeddings
-    assert main(["plan", "--serve", "--model", "openai/gpt-oss-20b", "--gpus", "1x24GB", "--context", "4096"]) == 0
-    assert "sequences at 4,096 tokens" in capsys.readouterr().out
+    assert s.block_bytes == 16 * s.kv.full_bytes_per_token
+    # One request's blocks while decoding, by hand: 8,192 / 16 full-layer blocks, and for the sliding
+    # layers the 128-token window over blocks of 16 (8), plus one it may straddle.
+    assert s.blocks_for(8192) == 512 + 9
+    n = s.sequences_at(8192)
+    assert n * s.blocks_for(8192) <= s.blocks - 1 < (n + 1) * s.blocks_for(8192)
+    assert s.longest_context(1) == model.max_position_embeddings
+    assert main(["plan", "--serve", "--model", "openai/gpt-oss-20b", "--gpus", "1x24GB", "--context", "4096",
+                 "--concurrency", "4"]) == 0  # fmt: skip
+    assert "sequences of 4,096 tokens at once" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("text", ["2xlots", "0x24GB", "24TB", "1x24GB:Z80"])

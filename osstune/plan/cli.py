@@ -146,25 +146,32 @@ def render(plan, everything: bool = False) -> str:
 
 def _run_serve(args: argparse.Namespace, model, gpus) -> int:
     from osstune.plan.serving import plan_serving
+    from osstune.serve.config import EngineConfig
 
-    s = plan_serving(model, gpus, args.context, args.concurrency, margin=args.margin)
-    kv = s.kv
-    print(f"Serve plan: {args.model or args.config} on one of {gpus.describe()}")
-    print(f"  weights as stored           {s.weights / GIB:8.2f} GiB")
-    print(f"  workspace + CUDA context    {s.workspace / GIB:8.2f} GiB")
-    print(f"  left for the KV cache       {s.kv_budget / GIB:8.2f} GiB ({args.margin:.0%} kept free)")
-    print(f"  KV bytes a token (full-attention layers)      {kv.full_bytes_per_token:,}")
-    print(f"  KV bytes a sequence (sliding layers, window {kv.window}) {kv.window * kv.sliding_bytes_per_token:,}")
-    print(f"  blocks of {s.block_size} tokens                {s.blocks:,} ({s.block_bytes:,} bytes each)")
-    if s.kv_budget == 0:
-        print("  the weights do not fit: nothing is left for the KV cache", file=sys.stderr)
+    engine = EngineConfig(gpu_memory_utilization=1 - args.margin) if args.margin != 0.05 else EngineConfig()
+    s = plan_serving(model, gpus, engine)
+    rows = [
+        ("weights as stored", f"{s.weights / GIB:.2f} GiB"),
+        ("engine reserve (step, logits, CUDA)", f"{s.reserve / GIB:.2f} GiB"),
+        (f"KV cache ({engine.gpu_memory_utilization:.0%} of the GPU)", f"{s.kv_budget / GIB:.2f} GiB"),
+        ("KV bytes a token, full-attention layers", f"{s.kv.full_bytes_per_token:,}"),
+        (f"KV bytes a sequence, sliding layers ({s.kv.window})", f"{s.kv.window * s.kv.sliding_bytes_per_token:,}"),
+        (f"blocks of {engine.block_size} tokens", f"{s.blocks:,} ({s.block_bytes:,} bytes each)"),
+    ]
+    if s.blocks > 1:
+        rows += [
+            (f"sequences of {args.context:,} tokens at once", f"{s.sequences_at(args.context):,}"),
+            ("longest context, one sequence", f"{s.longest_context(1):,} (model max {model.max_position_embeddings:,})"),
+            (f"longest context, {args.concurrency} at once", f"{s.longest_context(args.concurrency):,}"),
+        ]
+    print(f"Serve plan: {args.model or args.config} on one of {gpus.describe()}, osstune.serve's engine defaults")
+    for name, value in rows:
+        print(f"  {name:42s} {value}")
+    if s.blocks <= 1:
+        print("the weights leave no room for a KV cache on this GPU", file=sys.stderr)
         return 1
-    at = s.sequences_at(args.context)
-    print(f"  sequences at {args.context:,} tokens at once   {at:,}")
-    print(f"  longest context, 1 sequence   {s.longest_context(1):,} tokens (model max {model.max_position_embeddings:,})")
-    longest = s.longest_context(args.concurrency)
-    print(f"  longest context, {args.concurrency} at once  {longest:,} tokens")
-    if at < args.concurrency:
-        print(f"  {args.concurrency} sequences of {args.context:,} tokens do not fit; at most {at}", file=sys.stderr)
+    if s.sequences_at(args.context) < args.concurrency:
+        print(f"{args.concurrency} sequences of {args.context:,} tokens do not fit at once; at most "
+              f"{s.sequences_at(args.context)}", file=sys.stderr)  # fmt: skip
         return 1
     return 0

@@ -317,15 +317,20 @@ def kv_cache_shape(model: ModelConfig, dtype_bytes: int = 2) -> KVCacheShape:
     return KVCacheShape(n_full * per_layer, n_sliding * per_layer, model.sliding_window)
 
 
-def serving_weights(model: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of the model as it serves: every tensor as stored (MXFP4 experts packed), on the meta device."""
+def meta_model(model: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """The model as stored (MXFP4 experts packed where the checkpoint packs them), on the meta device."""
     from osstune.model import GptOss
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            net = GptOss(model)
+            return GptOss(model)
     finally:
         torch.set_default_dtype(previous)
+
+
+def serving_weights(model: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the model as it serves: every tensor as stored, counted on the meta device."""
+    net = meta_model(model, dtype)
     return sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])

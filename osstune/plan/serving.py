@@ -1,78 +1,83 @@
-"""How many sequences, and how long ones, a GPU can serve: weights as stored, then the KV cache.
+"""How many sequences, and how long ones, one GPU can serve with `osstune.serve`'s engine: the
+weights as stored, the engine's reserve for a step, then its paged KV cache.
 
-gpt-oss keeps two kinds of KV cache: full-attention layers hold keys and values for every token of a
-sequence, sliding-window layers only for its last `sliding_window` (128) tokens. So a sequence of c
-tokens takes c x (full bytes a token) + min(c, 128) x (sliding bytes a token). The cache is handed
-out in blocks of `block_size` tokens (a paged cache, as vLLM's), so each sequence's share rounds up
-to whole blocks, per kind.
+gpt-oss keeps two kinds of KV cache: full-attention layers hold keys and values for every token,
+sliding-window layers only for the last `sliding_window` (128). The engine (osstune/serve/kv_blocks.py)
+draws both from one pool of blocks of `block_size` tokens, each block a slice of every cache tensor
+(one tensor pair per full + sliding layer pair), so a request of c tokens holds ceil(c / block_size)
+full-layer blocks plus at most ceil(128 / block_size) + 1 sliding-layer blocks while decoding. The
+pool's size follows the engine's own rule (osstune/serve/engine.py `kv_cache_blocks`):
+gpu_memory_utilization x memory - weights - the CUDA context - one step's activations and logits -
+0.5 GiB, over the bytes of a block.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from osstune.config import ModelConfig
 from osstune.plan.hardware import GPUs
-from osstune.plan.memory import CONTEXT_BYTES, KVCacheShape, kv_cache_shape, layer_activation_bytes, serving_weights
+from osstune.plan.memory import CONTEXT_BYTES, KVCacheShape, kv_cache_shape, meta_model
+from osstune.serve.config import EngineConfig
+from osstune.serve.kv_blocks import KVCacheManager
 
-BLOCK_SIZE = 16
-PREFILL_CHUNK = 2048  # tokens of prompt processed per forward: the workspace below is sized for it
+GIB = 2**30
 
 
 @dataclass(frozen=True)
 class ServePlan:
     gpus: GPUs
+    engine: EngineConfig
     weights: int
-    workspace: int  # one forward's activations and the logits of a step, plus the CUDA context
+    reserve: int  # the CUDA context, one step's activations and logits, the engine's 0.5 GiB
     kv: KVCacheShape
-    block_size: int
-    kv_budget: int  # bytes left for the cache (0 when the weights do not fit)
-    context: int
-    concurrency: int
+    block_bytes: int
+    blocks: int  # in the pool (0 when the weights leave no room)
     max_context: int
+    manager: KVCacheManager
 
     @property
-    def block_bytes(self) -> int:
-        """One block of `block_size` tokens in every layer of one kind together: full, sliding."""
-        return self.block_size * (self.kv.full_bytes_per_token + self.kv.sliding_bytes_per_token)
+    def kv_budget(self) -> int:
+        return self.blocks * self.block_bytes
 
-    def sequence_bytes(self, context: int) -> int:
-        """A sequence's cache in whole blocks: full layers for every token, sliding layers for the window."""
-        full_blocks = -(-context // self.block_size)
-        # The window straddles at most one block boundary more than it fills.
-        sliding_blocks = min(full_blocks, -(-self.kv.window // self.block_size) + 1)
-        return self.block_size * (full_blocks * self.kv.full_bytes_per_token
-                                  + sliding_blocks * self.kv.sliding_bytes_per_token)  # fmt: skip
-
-    @property
-    def blocks(self) -> int:
-        return self.kv_budget // self.block_bytes if self.kv_budget else 0
+    def blocks_for(self, context: int) -> int:
+        """Blocks one request of `context` tokens holds while decoding (the engine's own count)."""
+        return self.manager.max_blocks_needed(context, 1)
 
     def sequences_at(self, context: int) -> int:
-        return self.kv_budget // self.sequence_bytes(context)
+        usable = self.blocks - 1  # block 0 is the engine's null block
+        return max(usable, 0) // self.blocks_for(context)
 
     def longest_context(self, sequences: int) -> int:
-        """The longest context that `sequences` sequences can each hold at once (a multiple of the
-        block size), at most the model's max_position_embeddings."""
-        lo, hi = 0, self.max_context // self.block_size
+        """The longest context (a multiple of the block size) that `sequences` requests can each hold
+        at once, at most the model's max_position_embeddings."""
+        bs = self.engine.block_size
+        lo, hi = 0, self.max_context // bs
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if sequences * self.sequence_bytes(mid * self.block_size) <= self.kv_budget:
+            if sequences * self.blocks_for(mid * bs) <= self.blocks - 1:
                 lo = mid
             else:
                 hi = mid - 1
-        return lo * self.block_size
+        return lo * bs
 
 
-def plan_serving(
-    model: ModelConfig, gpus: GPUs, context: int, concurrency: int, block_size: int = BLOCK_SIZE, margin: float = 0.05
-) -> ServePlan:
-    if context < 1 or concurrency < 1:
-        raise ValueError(f"--context {context} and --concurrency {concurrency} must be at least 1")
-    weights = serving_weights(model)
-    # A prefill chunk's activations for one layer at a time (no autograd keeps them), the float32
-    # logits of one token per sequence, the CUDA context.
-    workspace = PREFILL_CHUNK * layer_activation_bytes(model) + concurrency * model.vocab_size * 4 + CONTEXT_BYTES
-    budget = int(gpus.memory * (1 - margin)) - weights - workspace
-    return ServePlan(gpus, weights, workspace, kv_cache_shape(model), block_size, max(budget, 0), context, concurrency,
-                     model.max_position_embeddings)  # fmt: skip
+def plan_serving(model: ModelConfig, gpus: GPUs, engine: EngineConfig = EngineConfig(),
+                 dtype: torch.dtype = torch.bfloat16) -> ServePlan:  # fmt: skip
+    from osstune.serve.runner import kv_bytes_per_block, kv_groups
+
+    net = meta_model(model, dtype)
+    weights = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
+    elem = torch.empty(0, dtype=dtype).element_size()
+    h, i, k = model.hidden_size, model.intermediate_size, model.num_experts_per_tok
+    step = engine.max_num_batched_tokens * (h * 16 + k * i * 6) * elem
+    logits = engine.max_num_seqs * model.vocab_size * 4 * 6
+    reserve = CONTEXT_BYTES + step + logits + GIB // 2
+    per_block = kv_bytes_per_block(net, engine.block_size, dtype)
+    budget = gpus.memory * engine.gpu_memory_utilization - weights - reserve
+    blocks = max(int(budget // per_block), 0)
+    manager = KVCacheManager(max(blocks, 1), engine.block_size, kv_groups(net), enable_caching=False)
+    return ServePlan(gpus, engine, weights, reserve, kv_cache_shape(model, elem), per_block, blocks,
+                     model.max_position_embeddings, manager)  # fmt: skip
