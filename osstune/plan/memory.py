@@ -185,9 +185,9 @@ def loss_chunk_rows(model: ModelConfig, trained_lm_head: bool) -> int:
 class MemoryEstimate:
     """Peak bytes on one GPU, by term (docs/PLANNING.md); `host` is pinned/host memory the run needs."""
 
-    weights: int
+    weights: int  # frozen, and trained other than LoRA factors
     embedding: int
-    adapters: int
+    adapters: int  # LoRA factors
     gradients: int
     optimizer: int
     layer_inputs: int
@@ -278,7 +278,9 @@ def estimate(
     if cfg.memory.activations == "cpu":
         host += L * t * h * b
     est = MemoryEstimate(
-        weights=degrees.split_dense(counted.weights - counted.experts) + degrees.split_experts(counted.experts),
+        # Frozen weights, and trained ones other than LoRA factors (full fine-tuning, router, sinks).
+        weights=degrees.split_dense(counted.weights - counted.experts + counted.trainable - counted.adapters)
+        + degrees.split_experts(counted.experts),
         embedding=degrees.split_dense(embedding),
         adapters=degrees.split_dense(counted.adapters),
         gradients=degrees.split_dense(counted.trainable),

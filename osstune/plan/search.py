@@ -59,7 +59,7 @@ class Plan:
         if c is self.chosen:
             return "recommended"
         if c.usable:
-            return c.usable
+            return c.usable + ("; it would fit" if c.fits else f"; needs {c.memory.needed / 2**30:.1f} GiB a GPU")
         if not c.fits:
             return f"does not fit: needs {c.memory.needed / 2**30:.1f} of {self.budget / 2**30:.1f} GiB"
         if self.chosen is not None and c.speed.tokens_per_s < self.chosen.speed.tokens_per_s:
@@ -172,15 +172,16 @@ def recommend(candidates: list[Candidate] | tuple[Candidate, ...]) -> Candidate 
 
 
 def frontier(plan: Plan) -> list[Candidate]:
-    """The candidates no other usable one beats in both speed and memory (plus the recommended),
-    fastest first: the table worth reading."""
-    usable = [c for c in plan.candidates if not c.usable]
+    """The candidates that no other of the same kind (recommendable, or not: several GPUs without
+    multi-GPU support) beats in both speed and memory, plus the recommended one, fastest first: the
+    table worth reading."""
     keep = []
-    for c in usable:
+    for c in plan.candidates:
+        peers = [o for o in plan.candidates if bool(o.usable) == bool(c.usable)]
         beaten = any(
-            o is not c and o.speed.tokens_per_s >= c.speed.tokens_per_s and o.memory.needed <= c.memory.needed
+            o.speed.tokens_per_s >= c.speed.tokens_per_s and o.memory.needed <= c.memory.needed
             and (o.speed.tokens_per_s > c.speed.tokens_per_s or o.memory.needed < c.memory.needed)
-            for o in usable
+            for o in peers
         )
         if not beaten or c is plan.chosen:
             keep.append(c)
