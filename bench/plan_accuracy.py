@@ -65,7 +65,7 @@ def grid(name: str) -> list[TrainConfig]:
             c("gpt-oss-120b", "qlora", "attention", 4096, embedding="cpu"),
             c("gpt-oss-120b", "qlora", "all", 4096, embedding="cpu", optimizer="cpu"),
             c("gpt-oss-120b", "qlora", "all", 2048, embedding="cpu", moments="int8"),
-            c("gpt-oss-120b", "qlora", "attention", 8192, embedding="cpu", policy="keep_expert_gemms"),
+            c("gpt-oss-120b", "qlora", "attention", 8192, embedding="cpu"),
         ]
     rows = list(quick)
     for method in ("lora", "qlora"):
@@ -100,12 +100,8 @@ def spec(cfg: TrainConfig, out: Path, steps: int) -> dict:
 
 def describe(cfg: TrainConfig) -> str:
     from osstune.plan.cli import describe as plan_describe
-    from osstune.plan.parallel import Degrees
 
-    class _C:  # what osstune.plan.cli.describe reads
-        config, degrees = cfg, Degrees()
-
-    return f"{cfg.model.split('-')[-1]} {cfg.lora.targets} {cfg.data.seq_len} " + plan_describe(_C)
+    return f"{cfg.model.split('-')[-1]} {cfg.lora.targets} {cfg.data.seq_len} " + plan_describe(cfg)
 
 
 def measure(cfg: TrainConfig, gpus: GPUs, out: Path, steps: int, timeout: float, dry_run: bool) -> dict:
@@ -121,7 +117,8 @@ def measure(cfg: TrainConfig, gpus: GPUs, out: Path, steps: int, timeout: float,
     if "error" in r:
         print(f"{row['config']:62s} {row['predicted_alloc_gib']:8.2f}  ERROR {r['error'][:80]}", flush=True)
         return dict(row, error=r["error"])
-    row.update(measured_alloc_gib=r["peak_alloc_gib"], measured_reserved_gib=r["peak_reserved_gib"], measured_tok_s=r["tok_s"])
+    row.update(measured_alloc_gib=r["peak_alloc_gib"], measured_reserved_gib=r["peak_reserved_gib"],
+               measured_tok_s=r["tok_s"])  # fmt: skip
     mem_err = row["predicted_alloc_gib"] / r["peak_alloc_gib"] - 1
     tok_err = row["predicted_tok_s"] / r["tok_s"] - 1
     row.update(memory_error=round(mem_err, 4), speed_error=round(tok_err, 4))

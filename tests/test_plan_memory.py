@@ -142,7 +142,8 @@ def test_meta_model_bytes_match_documented_sizes():
     assert (c20.experts - biases) / GIB == pytest.approx(9.45, abs=0.01)
     assert c20.adapters / GIB == pytest.approx(0.17, abs=0.005)
     assert c20.trainable_values / 1e6 == pytest.approx(92.5, abs=0.05)
-    c120 = counted_for(TrainConfig(model="x", method="qlora", lora=LoraConfig(targets="all")), model_config("openai/gpt-oss-120b"))
+    all_targets = TrainConfig(model="x", method="qlora", lora=LoraConfig(targets="all"))
+    c120 = counted_for(all_targets, model_config("openai/gpt-oss-120b"))
     biases = 36 * 128 * (2 * 2880 + 2880) * 2
     assert (c120.experts - biases) / GIB == pytest.approx(56.7, abs=0.05)
     # "530M trainable values ... their float32 masters and moments (6.0 GiB)": 531M on the experts

@@ -38,7 +38,8 @@ def test_more_memory_never_picks_a_slower_configuration(plans_20b):
             speeds.append(0.0)
             continue
         assert c.fits and c.memory.needed <= plan.budget
-        faster_fitting = [o for o in plan.candidates if o.fits and not o.usable and o.speed.tokens_per_s > c.speed.tokens_per_s]
+        faster_fitting = [o for o in plan.candidates
+                          if o.fits and not o.usable and o.speed.tokens_per_s > c.speed.tokens_per_s]  # fmt: skip
         assert not faster_fitting
         speeds.append(c.speed.tokens_per_s)
     assert speeds == sorted(speeds)
@@ -107,6 +108,11 @@ def test_train_plan_check_refuses_before_loading(monkeypatch):
     chosen, line = plan_training(qlora, _gpus(24), "auto")
     assert chosen.method == "qlora" and chosen.gradient_checkpointing and "predicted peak" in line
     assert predict(chosen, model_config(chosen.model), _gpus(24)).fits
+
+
+def test_train_plan_without_a_gpu_is_refused_with_what_to_do(capsys):
+    assert main(["train", "--model", "tiny", "--data", "unused.jsonl", "--device", "cpu", "--plan", "auto"]) == 1
+    assert "osstune plan --gpus" in capsys.readouterr().err
 
 
 def test_serving_plan_follows_the_engines_block_manager(capsys):

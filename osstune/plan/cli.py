@@ -96,8 +96,9 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe(c) -> str:
-    cfg = c.config
+def describe(cfg, degrees=None) -> str:
+    """A configuration in one line: method, checkpointing, what lives on the host, lossy options,
+    micro-batch x accumulation, sharding."""
     parts = [cfg.method, "no-ckpt" if not cfg.gradient_checkpointing else cfg.checkpoint_policy]
     moved = [k for k in ("embedding", "optimizer", "activations") if getattr(cfg.memory, k) == "cpu"]
     if moved:
@@ -107,8 +108,8 @@ def describe(c) -> str:
     if cfg.attention_weights == "mxfp4":
         parts.append("mxfp4-attn")
     parts.append(f"{cfg.micro_batch}x{cfg.grad_accum}")
-    if not c.degrees.single:
-        parts.append(c.degrees.label())
+    if degrees is not None and not degrees.single:
+        parts.append(degrees.label())
     return " ".join(parts)
 
 
@@ -130,13 +131,13 @@ def render(plan, everything: bool = False) -> str:
     for c in rows:
         mark = "*" if c is plan.chosen else " "
         m = c.memory
-        lines.append(f"{mark} {describe(c):66s} {m.allocated / GIB:9.2f} {m.needed / GIB:9.2f} {m.host / GIB:8.2f} "
-                     f"{c.speed.tokens_per_s:8,.0f}  {plan.why_not(c)}")  # fmt: skip
+        lines.append(f"{mark} {describe(c.config, c.degrees):66s} {m.allocated / GIB:9.2f} {m.needed / GIB:9.2f} "
+                     f"{m.host / GIB:8.2f} {c.speed.tokens_per_s:8,.0f}  {plan.why_not(c)}")  # fmt: skip
     if not everything:
         lines.append(f"({len(rows)} of {len(plan.candidates)} configurations: those no other beats in both speed and "
                      "memory; --all lists every one)")  # fmt: skip
     if plan.chosen is not None:
-        lines += ["", f"Recommended: {describe(plan.chosen)}", "  peak memory by term (GiB):"]
+        lines += ["", f"Recommended: {describe(plan.chosen.config, plan.chosen.degrees)}", "  peak memory by term (GiB):"]
         for name, value in plan.chosen.memory.terms().items():
             if value:
                 lines.append(f"    {name:18s} {value / GIB:8.2f}")

@@ -84,8 +84,10 @@ def _plan_and_limit(cfg, args: argparse.Namespace):
     limit = parse_size(args.gpu_memory_limit, "--gpu-memory-limit") if args.gpu_memory_limit else None
     on_gpu = torch.cuda.is_available() and cfg.device in ("auto", "cuda") or cfg.device.startswith("cuda")
     if not on_gpu:
-        raise ValueError(f"--plan / --gpu-memory-limit are for training on a CUDA GPU; this run's device is {cfg.device!r} "
-                         "and no GPU is in use. Plan for a GPU by hand with `osstune plan --gpus 1x24GB --write-recipe FILE`")
+        raise ValueError(
+            f"--plan / --gpu-memory-limit are for training on a CUDA GPU; this run's device is {cfg.device!r} and no "
+            "GPU is in use. Plan for a GPU by hand with `osstune plan --gpus 1x24GB --write-recipe FILE`"
+        )
     if limit is not None:
         limit_gpu_memory(limit, None if cfg.device == "auto" else cfg.device)
     if not args.plan:
