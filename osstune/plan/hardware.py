@@ -139,4 +139,18 @@ def limit_gpu_memory(limit: str | int, device=None) -> float:
         )
     fraction = size / total
     torch.cuda.set_per_process_memory_fraction(fraction, device)
+    _LIMITS[device.index] = size
     return fraction
+
+
+# Caps set by limit_gpu_memory, by device index. `torch.cuda.mem_get_info` still reports the whole
+# card, so code that sizes itself from it (the serving engine's KV cache) must read the cap here.
+_LIMITS: dict[int, int] = {}
+
+
+def memory_limit(device=None) -> int | None:
+    """The cap limit_gpu_memory set on `device` (default: the current CUDA device), or None."""
+    import torch
+
+    index = torch.cuda.current_device() if device is None else torch.device(device).index
+    return _LIMITS.get(index if index is not None else torch.cuda.current_device())

@@ -55,8 +55,11 @@ def degree_options(gpus: int, model: ModelConfig) -> list[Degrees]:
     return out
 
 
-def multi_gpu_available() -> bool:
-    """Whether osstune trains on several GPUs yet (the osstune.parallel package)."""
-    import importlib.util
+# Whether a sharded row may be recommended: only once osstune trains on several GPUs (osstune.parallel)
+# AND a recipe can say the degrees (a TrainConfig field this module then maps them to). Until both,
+# a recommended sharded row would write a recipe that trains on one GPU and runs out of memory.
+MULTI_GPU_WIRED = False
 
-    return importlib.util.find_spec("osstune.parallel") is not None
+
+def multi_gpu_available() -> bool:
+    return MULTI_GPU_WIRED
