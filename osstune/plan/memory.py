@@ -6,8 +6,9 @@ which experts stay packed, MXFP4 attention, LoRA wrappers or full-training targe
 host memory), and every parameter and buffer is summed at its real shape and dtype. The optimizer's
 bytes follow `osstune.train.optim.MasterAdamW` and `osstune.train.adam8.AdamW8bit` tensor by tensor.
 
-Activation terms are formulas in the model's shapes whose two coefficients were fitted to peaks
-measured on an H100 (docs/PERFORMANCE.md, docs/PLANNING.md explains each term and the fit).
+Activation terms are formulas in the model's shapes; one coefficient (WORKING_SET) was fitted to
+peaks measured on an H100, and the allocator's slack is estimated from measured reserved memory
+(docs/PERFORMANCE.md; docs/PLANNING.md explains each term and the fit).
 Figures are bytes; GiB = 2**30 bytes. Sharding degrees (osstune/plan/parallel.py) divide the terms
 that a sharded run would split.
 
@@ -266,7 +267,9 @@ def estimate(
     optimizer = optimizer_bytes(counted, cfg, b)
     host = 0
     if cfg.memory.optimizer == "cpu":
-        host += optimizer + 4 * counted.trainable_values  # + the float32 gradient buffers
+        # Offloaded, every trainable tensor gets a float32 master (float32 ones too) and a float32
+        # gradient buffer, pinned in host memory.
+        host += optimizer + 4 * counted.trainable_values * (2 if b == 4 else 1)
         optimizer = 0
     # The update's float32 gradient slice (MasterAdamW._step_on_device) comes after the backward has
     # freed the activations: it only raises the peak when it is larger than they were.
