@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -84,6 +85,18 @@ def test_written_recipe_loads_and_trains_the_tiny_model(tmp_path, capsys):
                "--output", str(tmp_path / "run"), "--quiet", "--set", "fast=never"])  # fmt: skip
     assert rc == 0
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_20b_recipe_resolves_as_written(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    shipped = Path(__file__).resolve().parents[1] / "osstune" / "recipes" / "gpt-oss-20b-qlora.yaml"
+    assert main(["plan", "--config", str(shipped), "--gpus", "1x16GB", "--set", "lora.r=8",
+                 "--write-recipe", str(recipe)]) == 0  # fmt: skip
+    written = yaml.safe_load(recipe.read_text())
+    capsys.readouterr()
+    assert main(["train", "--config", str(recipe), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == written
+    assert written["method"] == "qlora" and written["optim"]["moments"] == "int8"  # the recipe's, kept
 
 
 def test_plan_prints_a_table_and_refuses_when_nothing_fits(capsys):
