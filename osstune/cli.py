@@ -17,6 +17,7 @@ _COMMANDS = (
     ("osstune.infer.cli", "add_commands"),
     ("osstune.infer.batch", "add_command"),
     ("osstune.export", "add_command"),
+    ("osstune.plan.cli", "add_command"),
 )
 
 

@@ -47,6 +47,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="any recipe key, e.g. --set optim.warmup_steps=10 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     p.add_argument("--stop-after", dest="stop_after", type=int, help="stop this invocation after N steps (with a checkpoint)")
+    p.add_argument("--plan", choices=("auto", "check"),
+                   help="auto: run the fastest configuration predicted to fit this GPU (osstune plan); check: refuse "
+                        "one predicted not to fit, before loading the model")
+    p.add_argument("--gpu-memory-limit", dest="gpu_memory_limit", metavar="SIZE",
+                   help="use at most SIZE of the GPU (e.g. 24GB): check a smaller card's fit on a bigger one")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe as YAML and exit")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_train)
@@ -70,10 +75,37 @@ def resolve_config(args: argparse.Namespace):
     return from_dict(TrainConfig, data, where=args.config or "options")
 
 
+def _plan_and_limit(cfg, args: argparse.Namespace):
+    """--gpu-memory-limit caps this process's share of the GPU; --plan plans for what is left."""
+    import torch
+
+    from osstune.plan.hardware import detect, limit_gpu_memory, parse_size
+
+    limit = parse_size(args.gpu_memory_limit, "--gpu-memory-limit") if args.gpu_memory_limit else None
+    on_gpu = torch.cuda.is_available() and cfg.device in ("auto", "cuda") or cfg.device.startswith("cuda")
+    if not on_gpu:
+        raise ValueError(
+            f"--plan / --gpu-memory-limit are for training on a CUDA GPU; this run's device is {cfg.device!r} and no "
+            "GPU is in use. Plan for a GPU by hand with `osstune plan --gpus 1x24GB --write-recipe FILE`"
+        )
+    if limit is not None:
+        limit_gpu_memory(limit, None if cfg.device == "auto" else cfg.device)
+    if not args.plan:
+        return cfg
+    from osstune.plan.auto import plan_training
+
+    cfg, line = plan_training(cfg, detect(limit), args.plan)
+    if not args.quiet:
+        print(f"osstune: {line}", file=sys.stderr)
+    return cfg
+
+
 def run_train(args: argparse.Namespace) -> int:
     from osstune.train.recipe import to_dict
 
     cfg = resolve_config(args)
+    if args.plan or args.gpu_memory_limit:
+        cfg = _plan_and_limit(cfg, args)
     if args.print_config:
         sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
