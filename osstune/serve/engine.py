@@ -47,8 +47,11 @@ def kv_cache_blocks(model: GptOss, config: EngineConfig, device: torch.device, d
         # of every sampled row with the sampler's temporaries.
         step = config.max_num_batched_tokens * (cfg.hidden_size * 16 + cfg.num_experts_per_tok * cfg.intermediate_size * 6) * elem
         logits = config.max_num_seqs * cfg.vocab_size * 4 * 6
-        used = total - free
-        budget = total * config.gpu_memory_utilization - used - step - logits - _GIB // 2
+        # A cap set with torch.cuda.set_per_process_memory_fraction (`--gpu-memory-limit`): size the
+        # cache inside it, from what this process holds, since mem_get_info reports the whole card.
+        fraction = torch.cuda.get_per_process_memory_fraction(device)
+        used = total - free if fraction >= 1.0 else torch.cuda.memory_reserved(device)
+        budget = total * fraction * config.gpu_memory_utilization - used - step - logits - _GIB // 2
     else:
         budget = _GIB
     blocks = int(budget // per_block)
