@@ -177,7 +177,7 @@ def run_mixed(args) -> dict:
     from osstune.serve.types import SamplingParams
 
     model, _ = _model(args.preset)
-    eng, report = _engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.budget)
+    eng, report = _engine(model, max_num_seqs=args.mixed_max_num_seqs, max_num_batched_tokens=args.budget)
     rng = random.Random(7)
     n = args.mixed_requests
     lens = [int(math.exp(rng.uniform(math.log(32), math.log(4096)))) for _ in range(n)]
@@ -198,13 +198,13 @@ def run_mixed(args) -> dict:
     _drain(eng, {})
     continuous = time.perf_counter() - t0
     t0 = time.perf_counter()
-    b = args.max_num_seqs
+    b = args.mixed_max_num_seqs
     for i in range(0, n, b):
         for p, o in zip(prompts[i : i + b], outs[i : i + b]):
             eng.add_request(p, params(o))
         _drain(eng, {})
     static = time.perf_counter() - t0
-    return {"scenario": "mixed", "requests": n, "output_tokens": total_out,
+    return {"scenario": "mixed", "requests": n, "max_num_seqs": b, "output_tokens": total_out,
             "continuous_tok_s": total_out / continuous, "static_tok_s": total_out / static,
             "gain": static / continuous, "engine": report}
 
@@ -266,13 +266,25 @@ def run_hf_batch(args) -> dict:
     model = _hf_model(args.preset)
     prompts = _prompts(64, 256, seed=1)
     cfg = GenerationConfig(max_new_tokens=256, do_sample=False, eos_token_id=None, pad_token_id=0)
+    import logging
+
+    errors: list[str] = []  # generate_batch catches errors in its loop and logs them
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.ERROR:
+                errors.append(record.getMessage())
+
+    logging.getLogger("ContinuousBatchingLogger").addHandler(Keep())
     t0 = time.perf_counter()
     try:
         out = model.generate_batch(inputs=prompts, generation_config=cfg)
     except torch.OutOfMemoryError:
+        errors.append("CUDA out of memory")
+    wall = time.perf_counter() - t0
+    if any("out of memory" in e for e in errors):
         return {"scenario": "hf-batch", "result": "out of memory",
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-    wall = time.perf_counter() - t0
     tokens = sum(len(o.generated_tokens) for o in out.values())
     return {"scenario": "hf-batch", "output_tok_s": tokens / wall, "requests": len(out)}
 
@@ -346,7 +358,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--output", type=int, default=512)
     ap.add_argument("--mixed-requests", type=int, default=256)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--mixed-max-num-seqs", type=int, default=64,
+                    help="batch size of both runs of `mixed` (static batching drains batches of this size)")
+    ap.add_argument("--max-num-seqs", type=int, default=512)
     ap.add_argument("--budget", type=int, default=8192, help="max_num_batched_tokens")
     ap.add_argument("--timeout", type=float, default=400)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))

@@ -99,8 +99,24 @@ class LLMEngine:
             self.backend.graphs = graphs
         self._ids = itertools.count()
         self.stats_totals = {"prompt": 0, "generation": 0, "finished": 0}
+        if self.backend.kernels and device.type == "cuda":
+            self._warm_up()
         report = self.capacity_report(dtype)
         (log or (lambda s: print(s, file=sys.stderr)))(report)
+
+    def _warm_up(self) -> None:
+        """Compile the kernels' prefill variants before the first request pays for it: Triton
+        specialises a launch on whether its integer sizes divide by 16, so a full chunk, an odd chunk
+        and a short prompt beside a decode cover the shapes a running server sees."""
+        budget = self.config.max_num_batched_tokens
+        lengths = [min(budget, self.max_model_len - 2), 17, min(budget // 2 + 3, self.max_model_len - 2)]
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_stop=True)
+        for i, n in enumerate(lengths):
+            self.add_request([(7919 * (j + 1) + i) % 199_000 for j in range(n)], params, request_id=f"warm-up-{i}")
+        while self.has_unfinished:
+            self.step()
+        self.stats_totals = {"prompt": 0, "generation": 0, "finished": 0}
+        self.scheduler.prefix_hit_tokens_total = 0
 
     # ---- capacity ----
 
