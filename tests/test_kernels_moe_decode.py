@@ -11,6 +11,8 @@ cases run gpt-oss-20b's expert shapes in bf16 and a CUDA-graph replay.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -27,6 +29,8 @@ from osstune.lora.layers import LoRAExperts
 from osstune.model import Experts, MXFP4Experts
 
 # TRITON_INTERPRET=1 on CPU: set for the whole session in conftest.py.
+
+moe_decode_module = importlib.import_module("osstune.kernels.moe_decode")  # the module, not the function
 
 # The interpreter computes sigmoid with numpy, whose exp overflows (to inf: sigmoid 0, as it should)
 # for very negative gates.
@@ -182,6 +186,26 @@ def test_unchosen_experts_never_enter_interpreter(fmt):
     # A NaN that the model does meet goes through the SwiGLU's clamps as through torch's.
     x[1, 0] = float("nan")
     assert torch.equal(moe_decode(ex, x, idx, weights).isnan(), ex(x, idx, weights).isnan())
+
+
+@pytest.mark.parametrize("sort_rows,route_kernel", [(False, True), (True, True), (True, False)])
+def test_invalid_ids_contribute_nothing_interpreter(sort_rows, route_kernel, monkeypatch):
+    """Ids outside [0, E) cannot be checked without a host sync: their slots add zeros (the model would
+    raise, or read expert E - 1 for -1). Also runs the torch.sort path that large batches take."""
+    _interpreter()
+    if not route_kernel:
+        monkeypatch.setattr(moe_decode_module, "ROUTE_MAX_ELEMENTS", 0)
+    gen = torch.Generator().manual_seed(9)
+    ex = _experts(TINY, "mxfp4", gen)
+    e = TINY.num_local_experts
+    idx, weights = _routing(5, 2, e, gen)
+    bad = torch.tensor([[True, False], [False, True], [False, False], [True, False], [False, False]])
+    bad_ids = idx.masked_fill(bad, -1)
+    bad_ids[3, 0] = e
+    x = torch.randn(5, TINY.hidden_size, generator=gen)
+    out = moe_decode(ex, x, bad_ids, weights, sort_rows=sort_rows)
+    truth = ex(x, idx, weights.masked_fill(bad, 0.0))  # the same slots with weight 0
+    assert _rel(out, truth) <= TOL[torch.float32]
 
 
 def test_reference_without_triton(monkeypatch):

@@ -211,3 +211,22 @@ def _combine(Y, Out, N, TOPK: tl.constexpr, BLOCK: tl.constexpr):
     for s in tl.static_range(TOPK):
         acc += tl.load(Y + (t * TOPK + s) * N + cols, mask=ok, other=0.0)
     tl.store(Out + t * N + cols, acc.to(Out.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _route(Ids, Order, Offs, M, E, M_PAD: tl.constexpr, E_PAD: tl.constexpr):
+    """One program: a counting sort of the M routed rows by expert. Offs[e] = rows of experts <= e
+    (E,) int32; Order[j] = the routed row (token * k + slot) at sorted position j, rows of one expert in
+    row order. Ids outside [0, E) go after every expert (the tail group, whose rows give zeros)."""
+    r = tl.arange(0, M_PAD)
+    ok = r < M
+    ids = tl.load(Ids + r, mask=ok, other=E).to(tl.int32)
+    ids = tl.where((ids < 0) | (ids > E), E, ids)
+    e = tl.arange(0, E_PAD)
+    onehot = (ids[:, None] == e[None, :]).to(tl.int32)  # (M_PAD, E_PAD)
+    counts = tl.sum(onehot, 0)
+    ends = tl.cumsum(counts, 0)
+    rank = tl.cumsum(onehot, 0) - onehot  # rows of the same expert before this one
+    pos = tl.sum(onehot * (ends - counts + rank), 1)  # (M_PAD,) sorted position of each row
+    tl.store(Order + pos, r, mask=ok)
+    tl.store(Offs + e, ends, mask=e < E)

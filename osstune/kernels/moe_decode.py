@@ -3,14 +3,15 @@
     moe_decode(experts, x, idx, weights) == experts(x, idx, weights)   (osstune.model.Experts.forward)
 
 for dense `Experts` and packed `MXFP4Experts` alike, inference only, safe to record in a CUDA graph:
-no host sync, and the launch grids depend only on shapes. The N * k routed rows are sorted by expert
-on the device (`torch.sort` + `torch.searchsorted`); then two Triton kernels (_moe_decode_triton.py)
+no host sync, and the launch grids depend only on shapes. Two Triton kernels (_moe_decode_triton.py)
 each decode a weight tile once per step for the rows of its expert (at batch 1: the k chosen experts,
 every weight read once) with bias + clamped SwiGLU fused into the first and bias + routing weight
-into the second, and the k slots of each token are summed in float32 in slot order. Weights stay
+into the second; a third sums the k slots of each token in float32 in slot order. Above
+UNSORTED_MAX_ROWS routed rows (N * k), a one-program counting sort groups them by expert first, so
+that the rows of one expert share each decoded tile. Weights stay
 packed; MXFP4 scale bytes must be at most 192 (`mxfp4_gemm.check_scales`, once at load, as for the
-training GEMMs). Expert ids outside [0, E) are not checked (that would need a host sync): ids >= E
-contribute zeros.
+training GEMMs). Expert ids outside [0, E) are not checked (that would need a host sync): their
+slots contribute zeros.
 
 From `GROUPED_FROM_TOKENS` tokens on, `moe_experts` / `moe_experts_mxfp4` (the training grouped
 GEMMs, 128-row tiles) take over: there every expert gets enough rows to fill a large tile
@@ -243,10 +244,7 @@ def _launch(w: _Weights, x, idx, weights, alpha: float, limit: float, tiles: Dec
     route = weights.reshape(-1)
     route = route if route.stride(0) == 1 else route.contiguous()
     if sort_rows:
-        sorted_ids, order = torch.sort(ids)  # order: sorted row -> token * k + slot
-        # offs[e] = rows of experts <= e: the group ends, as the MXFP4 grouped GEMM takes them.
-        offs = torch.searchsorted(sorted_ids, torch.arange(n_experts, device=x.device, dtype=sorted_ids.dtype),
-                                  right=True).to(torch.int32)
+        order, offs = _sort_rows(ids, n_experts)
         # Each expert that has rows adds at most one partial row tile: a bound without a host sync.
         row_tiles = m // tiles.block_m + min(n_experts, m) + 1
     else:
@@ -276,6 +274,28 @@ def _launch(w: _Weights, x, idx, weights, alpha: float, limit: float, tiles: Dec
 
 
 _COMBINE_BLOCK = 1024
+# The one-program counting sort holds an (M, E) one-hot in registers: up to this many elements
+# (1,024 rows at E = 32, 256 at E = 128), then torch.sort + searchsorted (4 launches instead of 1).
+ROUTE_MAX_ELEMENTS = 1 << 16
+
+
+def _sort_rows(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (M,) -> order (M,) (sorted position -> routed row), offs (E,) int32 (rows of experts <= e, the
+    grouped GEMM's convention); on the device, without a host sync."""
+    m = ids.shape[0]
+    m_pad, e_pad = max(_next_pow2(m), 16), max(_next_pow2(n_experts + 1), 16)
+    if m_pad * e_pad <= ROUTE_MAX_ELEMENTS:
+        from osstune.kernels import _moe_decode_triton as kern
+
+        order = torch.empty(m, device=ids.device, dtype=torch.int32)
+        offs = torch.empty(n_experts, device=ids.device, dtype=torch.int32)
+        kern._route[(1,)](ids, order, offs, m, n_experts, M_PAD=m_pad, E_PAD=e_pad, num_warps=4)
+        return order, offs
+    ids = torch.where(ids < 0, n_experts, ids)  # invalid ids after every expert, as the kernel puts them
+    sorted_ids, order = torch.sort(ids)
+    offs = torch.searchsorted(sorted_ids, torch.arange(n_experts, device=ids.device, dtype=sorted_ids.dtype),
+                              right=True).to(torch.int32)
+    return order, offs
 
 
 def _weight_strides(wt: torch.Tensor, scales: torch.Tensor | None):
