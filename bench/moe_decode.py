@@ -53,7 +53,8 @@ SWEEP = [
 
 def build(fmt: str) -> Experts:
     g = torch.Generator(device="cuda").manual_seed(0)
-    ex = (MXFP4Experts(CFG) if fmt == "mxfp4" else Experts(CFG)).to("cuda", torch.bfloat16)
+    with torch.device("cuda"):
+        ex = (MXFP4Experts(CFG) if fmt == "mxfp4" else Experts(CFG)).to(torch.bfloat16)
     with torch.no_grad():
         for p in ex.parameters():
             p.copy_(torch.randn(p.shape, device="cuda", generator=g) * 0.02)

@@ -11,6 +11,7 @@ cases run gpt-oss-20b's expert shapes in bf16 and a CUDA-graph replay.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import pytest
@@ -63,12 +64,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _experts(cfg: ModelConfig, fmt: str, gen: torch.Generator, device="cpu", scales=(115, 130)) -> Experts:
-    """Random float32 experts whose weights are bf16-exact (so a bf16 copy holds the same numbers)."""
+    """Random float32 experts whose weights are bf16-exact (so a bf16 copy holds the same numbers),
+    drawn on `device` (gpt-oss-20b's dense experts are 2.9 G values: too slow to draw on a CPU)."""
     e, h, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-    ex = MXFP4Experts(cfg) if fmt == "mxfp4" else Experts(cfg)
+    with torch.device(device):
+        ex = MXFP4Experts(cfg) if fmt == "mxfp4" else Experts(cfg)
+    g = torch.Generator(device=device).manual_seed(int(torch.randint(1 << 62, (1,), generator=gen)))
+    draw = dict(generator=g, device=device)
 
     def rand(*shape, std=1.0):
-        return (torch.randn(*shape, generator=gen) * std).bfloat16().float()
+        return (torch.randn(*shape, **draw) * std).bfloat16().float()
 
     with torch.no_grad():
         ex.gate_up_proj_bias.copy_(rand(e, 2 * i, std=0.1))
@@ -76,12 +81,19 @@ def _experts(cfg: ModelConfig, fmt: str, gen: torch.Generator, device="cpu", sca
         if fmt == "mxfp4":
             for proj in ("gate_up_proj", "down_proj"):
                 blocks, sc = getattr(ex, f"{proj}_blocks"), getattr(ex, f"{proj}_scales")
-                blocks.copy_(torch.randint(0, 256, blocks.shape, generator=gen, dtype=torch.uint8))
-                sc.copy_(torch.randint(scales[0], scales[1] + 1, sc.shape, generator=gen, dtype=torch.uint8))
+                blocks.copy_(torch.randint(0, 256, blocks.shape, dtype=torch.uint8, **draw))
+                sc.copy_(torch.randint(scales[0], scales[1] + 1, sc.shape, dtype=torch.uint8, **draw))
         else:
             ex.gate_up_proj.copy_(rand(e, h, 2 * i, std=h**-0.5))
             ex.down_proj.copy_(rand(e, i, h, std=i**-0.5))
-    return ex.to(device)
+    return ex
+
+
+@functools.cache
+def _experts_20b(fmt: str) -> Experts:
+    """One layer's experts at gpt-oss-20b's shape, shared by the GPU tests (which change only their
+    dtype, losslessly: the values are bf16-exact)."""
+    return _experts(GPT_OSS_20B, fmt, torch.Generator().manual_seed(0), device="cuda")
 
 
 def _routing(n: int, k: int, e: int, gen: torch.Generator, load: str = "random"):
@@ -250,7 +262,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize("n", [1, 4, 64, 256, GROUPED_FROM_TOKENS + 3])
 def test_gpt_oss_20b_shapes_gpu(fmt, n):
     gen = torch.Generator().manual_seed(n)
-    ex = _experts(GPT_OSS_20B, fmt, gen, device="cuda")
+    ex = _experts_20b(fmt)
     idx, weights = _routing(n, 4, GPT_OSS_20B.num_local_experts, gen)
     x, idx, weights = x.cuda(), idx.cuda(), weights.cuda()
     _check_against_model(ex, x, idx, weights, torch.bfloat16)
@@ -281,7 +293,7 @@ def test_loads_and_float32_gpu(fmt):
 def test_cuda_graph_replay_gpu(fmt, n):
     """Recorded once, replayed with new tokens and new routing: no host sync, nothing value-dependent."""
     gen = torch.Generator().manual_seed(5)
-    ex = _experts(GPT_OSS_20B, fmt, gen, device="cuda").to(torch.bfloat16)
+    ex = _experts_20b(fmt).to(torch.bfloat16)
     e = GPT_OSS_20B.num_local_experts
     idx, weights = _routing(n, 4, e, gen)
     x = torch.randn(n, GPT_OSS_20B.hidden_size, generator=gen).bfloat16().cuda()
