@@ -161,14 +161,14 @@ def test_bf16_and_loads_interpreter(fmt, n, k, load, dtype):
 
 @pytest.mark.parametrize("sort_rows", [False, True])
 def test_wide_scales_int32_ids_and_tiles_interpreter(sort_rows):
-    """MXFP4 scale bytes 90-160 (weights 2**-37 to 6 * 2**33), int32 ids, the weight tile on the left
-    of the product, several column tiles and K steps, rows sorted by expert or not (the default
-    picks by the number of rows)."""
+    """MXFP4 scale bytes 90-160 (weights 2**-37 to 6 * 2**33), int32 ids, x a column slice of a wider
+    tensor, the weight tile on the left of the product, several column tiles and K steps, rows sorted
+    by expert or not (the default picks by the number of rows)."""
     _interpreter()
     gen = torch.Generator().manual_seed(7)
     ex = _experts(TINY, "mxfp4", gen, scales=(90, 160))
     idx, weights = _routing(7, 2, TINY.num_local_experts, gen)
-    x = torch.randn(7, TINY.hidden_size, generator=gen)
+    x = torch.randn(7, 3 * TINY.hidden_size, generator=gen)[:, TINY.hidden_size : 2 * TINY.hidden_size]
     tiles = DecodeTiles(block_m=16, block_n=32, block_k=32, swap=True)
     _check_against_model(ex, x, idx.int(), weights, torch.float32, tiles=tiles, sort_rows=sort_rows)
 
@@ -230,6 +230,14 @@ def test_reference_without_triton(monkeypatch):
         x = torch.randn(5, TINY.hidden_size, generator=gen)
         _check_against_model(ex, x, idx, weights, torch.float32)
         _check_against_model(ex, x, idx, weights, torch.bfloat16)
+
+
+def test_no_tokens():
+    gen = torch.Generator().manual_seed(2)
+    for fmt in ("bf16", "mxfp4"):
+        ex = _experts(TINY, fmt, gen)
+        out = moe_decode(ex, torch.zeros(0, TINY.hidden_size), torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 4))
+        assert out.shape == (0, TINY.hidden_size)
 
 
 def test_bad_inputs():
