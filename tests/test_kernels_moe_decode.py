@@ -218,6 +218,7 @@ def test_invalid_ids_contribute_nothing_interpreter(sort_rows, route_kernel, mon
     out = moe_decode(ex, x, bad_ids, weights, sort_rows=sort_rows)
     truth = ex(x, idx, weights.masked_fill(bad, 0.0))  # the same slots with weight 0
     assert _rel(out, truth) <= TOL[torch.float32]
+    assert _rel(moe_decode_ref(ex, x, bad_ids, weights), truth) <= TOL[torch.float32]
 
 
 def test_reference_without_triton(monkeypatch):

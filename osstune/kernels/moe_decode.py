@@ -8,10 +8,10 @@ each decode a weight tile once per step for the rows of its expert (at batch 1: 
 every weight read once) with bias + clamped SwiGLU fused into the first and bias + routing weight
 into the second; a third sums the k slots of each token in float32 in slot order. Above
 UNSORTED_MAX_ROWS routed rows (N * k), a one-program counting sort groups them by expert first, so
-that the rows of one expert share each decoded tile. Weights stay
-packed; MXFP4 scale bytes must be at most 192 (`mxfp4_gemm.check_scales`, once at load, as for the
-training GEMMs). Expert ids outside [0, E) are not checked (that would need a host sync): their
-slots contribute zeros.
+that the rows of one expert share each decoded tile. Weights stay packed; MXFP4 scale bytes must be
+at most 192 (`mxfp4_gemm.check_scales`, once at load, as for the training GEMMs). Expert ids outside
+[0, E) are not checked (that would need a host sync): their slots contribute zeros (a router never
+makes them; the grouped path below does not take them).
 
 From `GROUPED_FROM_TOKENS` tokens on, `moe_experts` / `moe_experts_mxfp4` (the training grouped
 GEMMs, 128-row tiles) take over: there every expert gets enough rows to fill a large tile
@@ -122,6 +122,8 @@ def moe_decode_ref(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, weigh
     dt = x.dtype
     out = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
     for e in idx.unique().tolist():
+        if not 0 <= e < w.gate_up_bias.shape[0]:
+            continue  # as the kernels: an invalid id's slot adds nothing
         token, slot = (idx == e).nonzero(as_tuple=True)
         gu = x[token].float() @ w.gate_up(e).to(dt).float() + w.gate_up_bias[e].to(dt).float()
         h = clamped_swiglu_ref(gu, experts.alpha, experts.limit).to(dt).float()
