@@ -75,6 +75,10 @@ UNSORTED_MAX_ROWS = 16
 FLOAT32_TILES = DecodeTiles(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2, swap=False)
 # Triton's interpreter (CPU tests) pays per program and per operation, not per element: few, large tiles.
 INTERPRETER_TILES = DecodeTiles(block_m=16, block_n=64, block_k=64, swap=False)
+# bf16 on a GPU, by routed rows (first guesses until bench/moe_decode.py --sweep has run on the GPU).
+FEW_ROWS_TILES = DecodeTiles(block_m=16, block_n=32, block_k=256)
+ROW_TILES = {512: DecodeTiles(block_m=16), 1024: DecodeTiles(block_m=32)}  # up to this many rows
+MANY_ROWS_TILES = DecodeTiles(block_m=64)
 _DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -87,8 +91,8 @@ def default_tiles(rows: int, x: torch.Tensor) -> DecodeTiles:
     if x.dtype == torch.float32:
         return FLOAT32_TILES
     if rows <= UNSORTED_MAX_ROWS:
-        return DecodeTiles(block_m=16, block_n=32, block_k=256)
-    return DecodeTiles(block_m=16 if rows <= 512 else 32 if rows <= 1024 else 64)
+        return FEW_ROWS_TILES
+    return next((t for bound, t in ROW_TILES.items() if rows <= bound), MANY_ROWS_TILES)
 
 
 @torch.no_grad()
