@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -261,6 +266,68 @@ def test_bad_inputs():
         moe_decode(LoRAExperts(ex, ("gate_up_proj",), r=2, scale=1.0), x, idx, weights)
     with pytest.raises(MoEDecodeInputError, match="block_k"):
         DecodeTiles(block_k=16)
+
+
+# ---------------------------------------------------------------- sm_90 code without a GPU
+
+
+def _compile_for_sm90() -> None:
+    """Compile the kernels for Hopper (sm_90) as the GPU launches specialise them at gpt-oss-20b's
+    shapes (16-divisible sizes and strides, the default tiles, both row modes, MXFP4 and dense): CI has
+    no GPU, yet a kernel that Triton's interpreter runs can still fail to compile for one. Runs in a
+    process without TRITON_INTERPRET (under it, kernels are not compiled)."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from osstune.kernels import _moe_decode_triton as kern
+    from osstune.kernels.moe_decode import FEW_ROWS_TILES, ROW_TILES
+
+    divisible = {"K", "N", "E", "stride_x", "stride_h", "stride_y", "stride_we", "stride_wn", "stride_wk",
+                 "stride_se", "stride_be"}  # stride_sn = H / 32 = 90 is not
+
+    def build(fn, types: dict, consts: dict) -> None:
+        names = list(inspect.signature(fn.fn).parameters)
+        sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if n not in consts and (sig[n].startswith("*") or n in divisible)}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
+                        attrs=attrs)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+
+    # Batch 1's MXFP4 kernels (mma.sync), then the sorted rows' (wgmma) of each format, one kernel each:
+    # compiling takes seconds per kernel on CI's two cores.
+    for mxfp4, (sort_rows, tiles), which in ((True, (False, FEW_ROWS_TILES), "gate_up down"),
+                                             (True, (True, ROW_TILES[512]), "gate_up"),
+                                             (False, (True, ROW_TILES[512]), "down")):
+        w = "*u8" if mxfp4 else "*bf16"
+        common = dict(Ids="*i64", Order="*i32", Offs="*i32", W=w, Scales="*u8" if mxfp4 else w, Bias="*bf16")
+        consts = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, E_PAD=64,
+                      SORTED=sort_rows, MXFP4=mxfp4, PAIRS=mxfp4, SWAP=tiles.swap, EVEN=False, F32_DOT=False,
+                      PRECISION=None)
+        if not mxfp4:
+            consts["stride_wn"] = 1  # dense weights (E, in, out): Triton specialises a stride of 1
+        if "gate_up" in which:
+            build(kern._gate_up, dict(common, X="*bf16", Hout="*bf16", alpha="fp32", limit="fp32"), consts)
+        if "down" in which:
+            build(kern._down, dict(common, Hin="*bf16", RouteW="*bf16", Y="*fp32"), consts)
+    build(kern._route, dict(Ids="*i64", Order="*i32", Offs="*i32"), dict(M_PAD=256, E_PAD=64))
+    build(kern._combine, dict(Y="*fp32", Out="*bf16"), dict(TOPK=4, BLOCK=1024))
+
+
+def test_kernels_compile_for_sm90():
+    if torch.cuda.is_available():
+        pytest.skip("the GPU tests compile and run the kernels")
+    if triton_interpreter_problem() or importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("needs triton with its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = pathlib.Path(__file__).resolve().parents[1]
+    code = "import sys; sys.path[:0] = sys.argv[1:]; import test_kernels_moe_decode as t; t._compile_for_sm90()"
+    run = subprocess.run([sys.executable, "-c", code, str(root), str(root / "tests")], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
 
 
 # ---------------------------------------------------------------- GPU
