@@ -75,17 +75,16 @@ UNSORTED_MAX_ROWS = 16
 FLOAT32_TILES = DecodeTiles(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2, swap=False)
 # Triton's interpreter (CPU tests) pays per program and per operation, not per element: few, large tiles.
 INTERPRETER_TILES = DecodeTiles(block_m=16, block_n=64, block_k=64, swap=False)
-# bf16 on a GPU, by routed rows (first guesses until bench/moe_decode.py --sweep has run on the GPU).
-FEW_ROWS_TILES = DecodeTiles(block_m=16, block_n=32, block_k=256)
+# bf16 on a GPU, by routed rows. Measured (H200, MXFP4, bench/moe_decode.py --sweep, 2026-12-02):
+# 16x64x128 is the fastest tile from 1 to 64 tokens (batch 1: 59.8 us against 86 us for 16x32x256).
+FEW_ROWS_TILES = DecodeTiles(block_m=16, block_n=64, block_k=128)
 ROW_TILES = {512: DecodeTiles(block_m=16), 1024: DecodeTiles(block_m=32)}  # up to this many rows
 MANY_ROWS_TILES = DecodeTiles(block_m=64)
 _DTYPES = (torch.bfloat16, torch.float32)
 
 
 def default_tiles(rows: int, x: torch.Tensor) -> DecodeTiles:
-    """Tiles for M = rows routed rows. A handful of rows: narrow column tiles, so that the k experts'
-    tiles alone spread over every SM (at batch 1 the down projection has 4 * 2880 / 32 = 360 programs
-    for 132 SMs); then more rows per tile as the experts get more rows each."""
+    """Tiles for M = rows routed rows: more rows per tile as the experts get more rows each."""
     if not x.is_cuda:
         return INTERPRETER_TILES
     if x.dtype == torch.float32:
