@@ -226,6 +226,21 @@ def test_invalid_ids_contribute_nothing_interpreter(sort_rows, route_kernel, mon
     assert _rel(moe_decode_ref(ex, x, bad_ids, weights), truth) <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "mxfp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_fma_path_interpreter(fmt, dtype):
+    """The FMA path (a row per program, no MMA) that few rows take on a GPU: K not a whole number of
+    steps, several column tiles, top-1 to top-4."""
+    _interpreter()
+    gen = torch.Generator().manual_seed(13)
+    ex = _experts(TINY, fmt, gen)
+    tiles = DecodeTiles(block_n=32, block_k=128 if dtype == torch.float32 else 32, row=True)
+    for n, k in ((1, 4), (3, 1), (2, 2)):
+        idx, weights = _routing(n, k, TINY.num_local_experts, gen)
+        x = torch.randn(n, TINY.hidden_size, generator=gen)
+        _check_against_model(ex, x, idx, weights, dtype, tiles=tiles, sort_rows=False)
+
+
 def test_reference_without_triton(monkeypatch):
     """On CPU without the interpreter moe_decode runs the plain-PyTorch reference."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -297,16 +312,17 @@ def _compile_for_sm90() -> None:
                         attrs=attrs)
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
 
-    # Batch 1's MXFP4 kernels (mma.sync), then the sorted rows' (wgmma) of each format, one kernel each:
+    # Batch 1's MXFP4 kernels, then the sorted rows' (wgmma) of each format, one kernel each:
     # compiling takes seconds per kernel on CI's two cores.
     for mxfp4, (sort_rows, tiles), which in ((True, (False, FEW_ROWS_TILES), "gate_up down"),
                                              (True, (True, ROW_TILES[512]), "gate_up"),
                                              (False, (True, ROW_TILES[512]), "down")):
         w = "*u8" if mxfp4 else "*bf16"
         common = dict(Ids="*i64", Order="*i32", Offs="*i32", W=w, Scales="*u8" if mxfp4 else w, Bias="*bf16")
-        consts = dict(BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, E_PAD=64,
+        gemv = tiles.row and not sort_rows
+        consts = dict(BLOCK_M=1 if gemv else tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, E_PAD=64,
                       SORTED=sort_rows, MXFP4=mxfp4, PAIRS=mxfp4, SWAP=tiles.swap, EVEN=False, F32_DOT=False,
-                      PRECISION=None)
+                      PRECISION=None, GEMV=gemv)
         if not mxfp4:
             consts["stride_wn"] = 1  # dense weights (E, in, out): Triton specialises a stride of 1
         if "gate_up" in which:

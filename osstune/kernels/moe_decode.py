@@ -48,7 +48,8 @@ class MoEDecodeInputError(ValueError):
 @dataclass(frozen=True)
 class DecodeTiles:
     """Tile shape of one projection's launch. block_m rows of one expert share each decoded weight tile
-    (16 is tl.dot's minimum); swap puts the weight tile on the MMA's left side."""
+    (16 is tl.dot's minimum); swap puts the weight tile on the MMA's left side. row: with unsorted rows,
+    each program takes its one row through FMAs instead of an MMA (block_m and swap then unused)."""
 
     block_m: int = 16
     block_n: int = 64
@@ -56,6 +57,7 @@ class DecodeTiles:
     num_warps: int = 4
     num_stages: int = 3
     swap: bool = True
+    row: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -75,9 +77,13 @@ UNSORTED_MAX_ROWS = 16
 FLOAT32_TILES = DecodeTiles(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2, swap=False)
 # Triton's interpreter (CPU tests) pays per program and per operation, not per element: few, large tiles.
 INTERPRETER_TILES = DecodeTiles(block_m=16, block_n=64, block_k=64, swap=False)
-# bf16 on a GPU, by routed rows. Measured (H200, MXFP4, bench/moe_decode.py --sweep, 2026-12-02):
-# 16x64x128 is the fastest tile from 1 to 64 tokens (batch 1: 59.8 us against 86 us for 16x32x256).
-FEW_ROWS_TILES = DecodeTiles(block_m=16, block_n=64, block_k=128)
+# bf16 on a GPU, by routed rows. Measured (H200, MXFP4, bench/moe_decode.py --sweep, 2026-12-02): with
+# the MMA, 16x64x128 is the fastest tile from 1 to 64 tokens (batch 1: 59.8 us, 885 GB/s; the copy
+# roof is ~3.2-4.2 TB/s). Feeding an MMA moves every decoded weight through shared memory; with one
+# row per program the FMA path (row=True) keeps the weights in registers: ~6 instructions a weight in
+# the sm_90 build, no barrier in the loop. Not yet timed on a GPU: if bench/moe_decode.py --sweep shows
+# "decode 16x64x128 w4 s3 swap" (the MMA) ahead of "decode" at 1 and 4 tokens, set row=False here.
+FEW_ROWS_TILES = DecodeTiles(block_m=16, block_n=64, block_k=128, row=True)
 ROW_TILES = {512: DecodeTiles(block_m=16), 1024: DecodeTiles(block_m=32)}  # up to this many rows
 MANY_ROWS_TILES = DecodeTiles(block_m=64)
 _DTYPES = (torch.bfloat16, torch.float32)
@@ -257,8 +263,10 @@ def _launch(w: _Weights, x, idx, weights, alpha: float, limit: float, tiles: Dec
         row_tiles = m
     hid = torch.empty(m, i_dim, device=x.device, dtype=x.dtype)  # (M, I), rows in `order`
     y = torch.empty(m, h_dim, device=x.device, dtype=torch.float32)  # (M, H), token-major rows
+    gemv = tiles.row and not sort_rows
     common = dict(
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, E_PAD=_next_pow2(n_experts + 1),
+        BLOCK_M=1 if gemv else tiles.block_m, GEMV=gemv, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        E_PAD=_next_pow2(n_experts + 1),
         SORTED=sort_rows, MXFP4=w.mxfp4, PAIRS=w.mxfp4 and x.is_cuda and x.dtype == torch.bfloat16,
         SWAP=tiles.swap, F32_DOT=not x.is_cuda,
         PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else None,
