@@ -205,8 +205,9 @@ def test_unchosen_experts_never_enter_interpreter(fmt):
     assert torch.equal(moe_decode(ex, x, idx, weights).isnan(), ex(x, idx, weights).isnan())
 
 
-@pytest.mark.parametrize("sort_rows,route_kernel", [(False, True), (True, True), (True, False)])
-def test_invalid_ids_contribute_nothing_interpreter(sort_rows, route_kernel, monkeypatch):
+@pytest.mark.parametrize("sort_rows,route_kernel,row", [(False, True, False), (False, True, True), (True, True, False),
+                                                         (True, False, False)])
+def test_invalid_ids_contribute_nothing_interpreter(sort_rows, route_kernel, row, monkeypatch):
     """Ids outside [0, E) cannot be checked without a host sync: their slots add zeros (the model would
     raise, or read expert E - 1 for -1). Also runs the torch.sort path that large batches take."""
     _interpreter()
@@ -220,7 +221,8 @@ def test_invalid_ids_contribute_nothing_interpreter(sort_rows, route_kernel, mon
     bad_ids = idx.masked_fill(bad, -1)
     bad_ids[3, 0] = e
     x = torch.randn(5, TINY.hidden_size, generator=gen)
-    out = moe_decode(ex, x, bad_ids, weights, sort_rows=sort_rows)
+    tiles = DecodeTiles(block_n=64, block_k=64, row=True) if row else None
+    out = moe_decode(ex, x, bad_ids, weights, sort_rows=sort_rows, tiles=tiles)
     truth = ex(x, idx, weights.masked_fill(bad, 0.0))  # the same slots with weight 0
     assert _rel(out, truth) <= TOL[torch.float32]
     assert _rel(moe_decode_ref(ex, x, bad_ids, weights), truth) <= TOL[torch.float32]
