@@ -11,7 +11,8 @@ included), each read once: what a memory-bound kernel must read at least. "copy 
 copy of as many bytes in the same run: the roof.
 
 Variants: "decode" = moe_decode's kernels (forced at every N; rows sorted by expert above
-UNSORTED_MAX_ROWS), "decode sorted" / "decode unsorted" = the other choice at that N, "grouped" =
+UNSORTED_MAX_ROWS); in the sweep "row" = one row per program through FMAs (only where rows are not
+sorted: at 1 and 4 tokens; elsewhere it is the MMA tile), "decode sorted" / "decode unsorted" = the other choice at that N, "grouped" =
 moe_experts_mxfp4 / moe_experts (what training uses), "auto" = moe_decode with its crossover
 (GROUPED_FROM_TOKENS).
 """
@@ -38,9 +39,16 @@ from osstune.model import Experts, MXFP4Experts
 CFG = ModelConfig()  # gpt-oss-20b: E = 32, H = I = 2880, top-4
 TOKENS = (1, 4, 16, 64, 256, 512)
 SWEEP = [
+    DecodeTiles(16, 64, 128, 4, 3, row=True),
+    DecodeTiles(16, 32, 256, 4, 3, row=True),
+    DecodeTiles(16, 128, 128, 8, 3, row=True),
+    DecodeTiles(16, 64, 64, 4, 3, row=True),
     DecodeTiles(16, 16, 256, 4, 3, True),
     DecodeTiles(16, 32, 128, 4, 3, True),
     DecodeTiles(16, 32, 256, 4, 3, True),
+    DecodeTiles(16, 32, 256, 4, 4, True),
+    DecodeTiles(16, 32, 256, 4, 5, True),
+    DecodeTiles(16, 32, 512, 4, 3, True),
     DecodeTiles(16, 32, 256, 4, 4, False),
     DecodeTiles(16, 64, 128, 4, 3, True),
     DecodeTiles(16, 64, 256, 8, 3, True),
@@ -53,7 +61,8 @@ SWEEP = [
 
 def build(fmt: str) -> Experts:
     g = torch.Generator(device="cuda").manual_seed(0)
-    ex = (MXFP4Experts(CFG) if fmt == "mxfp4" else Experts(CFG)).to("cuda", torch.bfloat16)
+    with torch.device("cuda"):
+        ex = (MXFP4Experts(CFG) if fmt == "mxfp4" else Experts(CFG)).to(torch.bfloat16)
     with torch.no_grad():
         for p in ex.parameters():
             p.copy_(torch.randn(p.shape, device="cuda", generator=g) * 0.02)
@@ -153,7 +162,7 @@ def main() -> None:
             if args.sweep:
                 for t in SWEEP:
                     label = f"decode {t.block_m}x{t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages}" + (
-                        " swap" if t.swap else "")
+                        " swap" if t.swap else "") + (" row" if t.row else "")
                     variants.append((label, lambda t=t: moe_decode(ex, x, idx, weights, tiles=t,
                                                                    grouped_from_tokens=1 << 30)))
             for name, fn in variants:

@@ -3,14 +3,15 @@
     moe_decode(experts, x, idx, weights) == experts(x, idx, weights)   (osstune.model.Experts.forward)
 
 for dense `Experts` and packed `MXFP4Experts` alike, inference only, safe to record in a CUDA graph:
-no host sync, and the launch grids depend only on shapes. The N * k routed rows are sorted by expert
-on the device (`torch.sort` + `torch.searchsorted`); then two Triton kernels (_moe_decode_triton.py)
+no host sync, and the launch grids depend only on shapes. Two Triton kernels (_moe_decode_triton.py)
 each decode a weight tile once per step for the rows of its expert (at batch 1: the k chosen experts,
 every weight read once) with bias + clamped SwiGLU fused into the first and bias + routing weight
-into the second, and the k slots of each token are summed in float32 in slot order. Weights stay
-packed; MXFP4 scale bytes must be at most 192 (`mxfp4_gemm.check_scales`, once at load, as for the
-training GEMMs). Expert ids outside [0, E) are not checked (that would need a host sync): ids >= E
-contribute zeros.
+into the second; a third sums the k slots of each token in float32 in slot order. Above
+UNSORTED_MAX_ROWS routed rows (N * k), a one-program counting sort groups them by expert first, so
+that the rows of one expert share each decoded tile. Weights stay packed; MXFP4 scale bytes must be
+at most 192 (`mxfp4_gemm.check_scales`, once at load, as for the training GEMMs). Expert ids outside
+[0, E) are not checked (that would need a host sync): their slots contribute zeros (a router never
+makes them; the grouped path below does not take them).
 
 From `GROUPED_FROM_TOKENS` tokens on, `moe_experts` / `moe_experts_mxfp4` (the training grouped
 GEMMs, 128-row tiles) take over: there every expert gets enough rows to fill a large tile
@@ -47,7 +48,8 @@ class MoEDecodeInputError(ValueError):
 @dataclass(frozen=True)
 class DecodeTiles:
     """Tile shape of one projection's launch. block_m rows of one expert share each decoded weight tile
-    (16 is tl.dot's minimum); swap puts the weight tile on the MMA's left side."""
+    (16 is tl.dot's minimum); swap puts the weight tile on the MMA's left side. row: with unsorted rows,
+    each program takes its one row through FMAs instead of an MMA (block_m and swap then unused)."""
 
     block_m: int = 16
     block_n: int = 64
@@ -55,6 +57,7 @@ class DecodeTiles:
     num_warps: int = 4
     num_stages: int = 3
     swap: bool = True
+    row: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n", "block_k"):
@@ -74,20 +77,27 @@ UNSORTED_MAX_ROWS = 16
 FLOAT32_TILES = DecodeTiles(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=2, swap=False)
 # Triton's interpreter (CPU tests) pays per program and per operation, not per element: few, large tiles.
 INTERPRETER_TILES = DecodeTiles(block_m=16, block_n=64, block_k=64, swap=False)
+# bf16 on a GPU, by routed rows. Measured (H200, MXFP4, bench/moe_decode.py --sweep, 2026-12-02): with
+# the MMA, 16x64x128 is the fastest tile from 1 to 64 tokens (batch 1: 59.8 us, 885 GB/s; the copy
+# roof is ~3.2-4.2 TB/s). Feeding an MMA moves every decoded weight through shared memory; with one
+# row per program the FMA path (row=True) keeps the weights in registers: ~6 instructions a weight in
+# the sm_90 build, no barrier in the loop. Not yet timed on a GPU: if bench/moe_decode.py --sweep shows
+# "decode 16x64x128 w4 s3 swap" (the MMA) ahead of "decode" at 1 and 4 tokens, set row=False here.
+FEW_ROWS_TILES = DecodeTiles(block_m=16, block_n=64, block_k=128, row=True)
+ROW_TILES = {512: DecodeTiles(block_m=16), 1024: DecodeTiles(block_m=32)}  # up to this many rows
+MANY_ROWS_TILES = DecodeTiles(block_m=64)
 _DTYPES = (torch.bfloat16, torch.float32)
 
 
 def default_tiles(rows: int, x: torch.Tensor) -> DecodeTiles:
-    """Tiles for M = rows routed rows. A handful of rows: narrow column tiles, so that the k experts'
-    tiles alone spread over every SM (at batch 1 the down projection has 4 * 2880 / 32 = 360 programs
-    for 132 SMs); then more rows per tile as the experts get more rows each."""
+    """Tiles for M = rows routed rows: more rows per tile as the experts get more rows each."""
     if not x.is_cuda:
         return INTERPRETER_TILES
     if x.dtype == torch.float32:
         return FLOAT32_TILES
     if rows <= UNSORTED_MAX_ROWS:
-        return DecodeTiles(block_m=16, block_n=32, block_k=256)
-    return DecodeTiles(block_m=16 if rows <= 512 else 32 if rows <= 1024 else 64)
+        return FEW_ROWS_TILES
+    return next((t for bound, t in ROW_TILES.items() if rows <= bound), MANY_ROWS_TILES)
 
 
 @torch.no_grad()
@@ -121,6 +131,8 @@ def moe_decode_ref(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, weigh
     dt = x.dtype
     out = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
     for e in idx.unique().tolist():
+        if not 0 <= e < w.gate_up_bias.shape[0]:
+            continue  # as the kernels: an invalid id's slot adds nothing
         token, slot = (idx == e).nonzero(as_tuple=True)
         gu = x[token].float() @ w.gate_up(e).to(dt).float() + w.gate_up_bias[e].to(dt).float()
         h = clamped_swiglu_ref(gu, experts.alpha, experts.limit).to(dt).float()
@@ -243,10 +255,7 @@ def _launch(w: _Weights, x, idx, weights, alpha: float, limit: float, tiles: Dec
     route = weights.reshape(-1)
     route = route if route.stride(0) == 1 else route.contiguous()
     if sort_rows:
-        sorted_ids, order = torch.sort(ids)  # order: sorted row -> token * k + slot
-        # offs[e] = rows of experts <= e: the group ends, as the MXFP4 grouped GEMM takes them.
-        offs = torch.searchsorted(sorted_ids, torch.arange(n_experts, device=x.device, dtype=sorted_ids.dtype),
-                                  right=True).to(torch.int32)
+        order, offs = _sort_rows(ids, n_experts)
         # Each expert that has rows adds at most one partial row tile: a bound without a host sync.
         row_tiles = m // tiles.block_m + min(n_experts, m) + 1
     else:
@@ -254,8 +263,10 @@ def _launch(w: _Weights, x, idx, weights, alpha: float, limit: float, tiles: Dec
         row_tiles = m
     hid = torch.empty(m, i_dim, device=x.device, dtype=x.dtype)  # (M, I), rows in `order`
     y = torch.empty(m, h_dim, device=x.device, dtype=torch.float32)  # (M, H), token-major rows
+    gemv = tiles.row and not sort_rows
     common = dict(
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, E_PAD=_next_pow2(n_experts + 1),
+        BLOCK_M=1 if gemv else tiles.block_m, GEMV=gemv, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        E_PAD=_next_pow2(n_experts + 1),
         SORTED=sort_rows, MXFP4=w.mxfp4, PAIRS=w.mxfp4 and x.is_cuda and x.dtype == torch.bfloat16,
         SWAP=tiles.swap, F32_DOT=not x.is_cuda,
         PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else None,
@@ -276,6 +287,28 @@ def _launch(w: _Weights, x, idx, weights, alpha: float, limit: float, tiles: Dec
 
 
 _COMBINE_BLOCK = 1024
+# The one-program counting sort holds an (M, E) one-hot in registers: up to this many elements
+# (1,024 rows at E = 32, 256 at E = 128), then torch.sort + searchsorted (4 launches instead of 1).
+ROUTE_MAX_ELEMENTS = 1 << 16
+
+
+def _sort_rows(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (M,) -> order (M,) (sorted position -> routed row), offs (E,) int32 (rows of experts <= e, the
+    grouped GEMM's convention); on the device, without a host sync."""
+    m = ids.shape[0]
+    m_pad, e_pad = max(_next_pow2(m), 16), max(_next_pow2(n_experts + 1), 16)
+    if m_pad * e_pad <= ROUTE_MAX_ELEMENTS:
+        from osstune.kernels import _moe_decode_triton as kern
+
+        order = torch.empty(m, device=ids.device, dtype=torch.int32)
+        offs = torch.empty(n_experts, device=ids.device, dtype=torch.int32)
+        kern._route[(1,)](ids, order, offs, m, n_experts, M_PAD=m_pad, E_PAD=e_pad, num_warps=4)
+        return order, offs
+    ids = torch.where(ids < 0, n_experts, ids)  # invalid ids after every expert, as the kernel puts them
+    sorted_ids, order = torch.sort(ids)
+    offs = torch.searchsorted(sorted_ids, torch.arange(n_experts, device=ids.device, dtype=sorted_ids.dtype),
+                              right=True).to(torch.int32)
+    return order, offs
 
 
 def _weight_strides(wt: torch.Tensor, scales: torch.Tensor | None):
