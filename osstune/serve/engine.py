@@ -63,6 +63,18 @@ def kv_cache_blocks(model: GptOss, config: EngineConfig, device: torch.device, d
     return blocks
 
 
+def _check_expert_scales(model: GptOss) -> None:
+    """The MXFP4 kernels take scale bytes up to 192 (larger ones would turn into inf): checked once at
+    load, with the tensor named, rather than per step (a check is a device sync)."""
+    from osstune.kernels.mxfp4_gemm import check_scales
+    from osstune.model import MXFP4Experts
+
+    for name, module in model.named_modules():
+        if isinstance(module, MXFP4Experts):
+            check_scales(module.gate_up_proj_scales, f"{name}.gate_up_proj_scales")
+            check_scales(module.down_proj_scales, f"{name}.down_proj_scales")
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -90,6 +102,8 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, config.block_size, kv_groups(model), config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.backend = Backend.for_device(device, config.kernels, config.cuda_graph_max_batch)
+        if self.backend.kernels:
+            _check_expert_scales(model)
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.backend, self.adapters)
         if self.backend.cuda_graph_max_batch > 0:
             from osstune.serve.graphs import DecodeGraphs
