@@ -69,7 +69,7 @@ class DecodeTiles:
 
 
 # From this many tokens on the training grouped GEMMs run instead (see the module docstring).
-GROUPED_FROM_TOKENS = 512
+GROUPED_FROM_TOKENS = 128
 # Up to this many routed rows (N * k) each row gets its own programs and nothing is sorted: the sort
 # costs launches, and the few rows that share an expert then read its tiles at the same time (from L2).
 UNSORTED_MAX_ROWS = 16
@@ -83,7 +83,7 @@ INTERPRETER_TILES = DecodeTiles(block_m=16, block_n=64, block_k=64, swap=False)
 # row per program the FMA path (row=True) keeps the weights in registers: ~6 instructions a weight in
 # the sm_90 build, no barrier in the loop. Not yet timed on a GPU: if bench/moe_decode.py --sweep shows
 # "decode 16x64x128 w4 s3 swap" (the MMA) ahead of "decode" at 1 and 4 tokens, set row=False here.
-FEW_ROWS_TILES = DecodeTiles(block_m=16, block_n=64, block_k=128, row=True)
+FEW_ROWS_TILES = DecodeTiles(block_m=16, block_n=64, block_k=128, row=False)
 ROW_TILES = {512: DecodeTiles(block_m=16), 1024: DecodeTiles(block_m=32)}  # up to this many rows
 MANY_ROWS_TILES = DecodeTiles(block_m=64)
 _DTYPES = (torch.bfloat16, torch.float32)
