@@ -360,7 +360,7 @@ def main() -> None:
     ap.add_argument("--mixed-requests", type=int, default=256)
     ap.add_argument("--mixed-max-num-seqs", type=int, default=64,
                     help="batch size of both runs of `mixed` (static batching drains batches of this size)")
-    ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--budget", type=int, default=8192, help="max_num_batched_tokens")
     ap.add_argument("--timeout", type=float, default=400)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))

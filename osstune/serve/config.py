@@ -23,7 +23,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # exact block count (tests); overrides both above
     enable_prefix_caching: bool = True
     # CUDA graphs for decode-only steps of up to this many sequences (0 turns them off).
-    cuda_graph_max_batch: int = 256
+    cuda_graph_max_batch: int = 512
     # "auto": our Triton kernels on CUDA, plain PyTorch elsewhere; "reference": plain PyTorch everywhere;
     # "kernels": the kernel path wherever Triton runs (on a CPU under TRITON_INTERPRET=1: tests).
     kernels: str = "auto"
