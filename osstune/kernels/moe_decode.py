@@ -69,7 +69,12 @@ class DecodeTiles:
 
 
 # From this many tokens on the training grouped GEMMs run instead (see the module docstring).
+# 128: the device sort (`_route`) holds a (rows, E) int32 tile in shared memory, 128 KiB at 512 rows
+# and 256 KiB at 1,024, over the H200's 227 KiB (seen: OutOfResources at 256 tokens, top-4; the sm_90
+# build reports 65,536 / 131,072 / 262,144 bytes at 256 / 512 / 1,024 rows). At 256 tokens the two
+# paths took 531 and 558 us (H200 sweep), so nothing is lost by stopping earlier.
 GROUPED_FROM_TOKENS = 128
+SORT_MAX_ROWS = 512
 # Up to this many routed rows (N * k) each row gets its own programs and nothing is sorted: the sort
 # costs launches, and the few rows that share an expert then read its tiles at the same time (from L2).
 UNSORTED_MAX_ROWS = 16
@@ -115,7 +120,7 @@ def moe_decode(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, weights: 
     if not triton_usable(x):
         return moe_decode_ref(experts, x, idx, weights)
     n = x.shape[0]
-    if n >= grouped_from_tokens and x.is_cuda:
+    if x.is_cuda and (n >= grouped_from_tokens or idx.numel() > SORT_MAX_ROWS):
         return _grouped(experts, w, x, idx, weights)
     if sort_rows is None:
         sort_rows = idx.numel() > UNSORTED_MAX_ROWS
