@@ -85,7 +85,7 @@ def resolve(spec: str) -> list[Source]:
 def _file_source(path: Path, name: str) -> Source:
     """`name`: the path as the user wrote it (or as the glob matched it), so messages repeat it."""
     if not path.is_file():
-        raise FileNotFoundError(f"{name} does not exist; give a data file, a glob, a directory saved by datasets or hf:org/name")
+        raise FileNotFoundError(f"{name} does not exist: no such data file or directory (give a file, a glob, a directory saved by datasets or hf:org/name)")
     if path.suffix.lower() not in FILE_TYPES:
         raise ValueError(
             f"{name}: unknown data file type {path.suffix!r}; osstune reads {', '.join(FILE_TYPES)} files, a "
