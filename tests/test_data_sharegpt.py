@@ -122,8 +122,16 @@ def test_weight_zero_with_thinking_and_tool_calls():
 
 
 def test_weight_only_on_assistant_messages():
-    with pytest.raises(RowError, match=r"messages\[0\] is a user message with a weight"):
-        parse_row({"messages": [{"role": "user", "content": "a", "weight": 0}, {"role": "assistant", "content": "b"}]})
+    with pytest.raises(RowError, match=r"messages\[0\] is a user message with weight 1; only assistant messages"):
+        parse_row({"messages": [{"role": "user", "content": "a", "weight": 1}, {"role": "assistant", "content": "b"}]})
+    zero = parse_row({"messages": [{"role": "user", "content": "a", "weight": 0}, {"role": "assistant", "content": "b"}]})
+    assert zero.ignored_keys == ()  # weight 0 on a user message says what is true anyway
+
+
+def test_sharegpt_system_key_keeps_turn_indexes():
+    with pytest.raises(RowError, match=r"conversations\[2\] is a system message; only the first"):
+        parse_row({"system": "S", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+                                                     {"from": "system", "value": "late"}]})
 
 
 def test_pipeline_drops_rows_left_without_targets(tmp_path):

@@ -83,8 +83,8 @@ def parse_row(row: Any, training: bool = True) -> ParsedRow:
     if "messages" in row:
         return _parse_chat_row(row, training)
     if "conversations" in row:
-        messages_row, ignored = sharegpt_to_messages(row)
-        parsed = _parse_chat_row(messages_row, training, key="conversations")
+        messages_row, ignored, shift = sharegpt_to_messages(row)
+        parsed = _parse_chat_row(messages_row, training, key="conversations", shift=shift)
         return ParsedRow(parsed.conversation, tuple(dict.fromkeys([*ignored, *parsed.ignored_keys])))
     for first, second in _PAIR_SHAPES:
         if first in row or second in row:
@@ -98,8 +98,9 @@ _SHAPES_HINT = (
 )
 
 
-def _parse_chat_row(row: dict, training: bool, key: str = "messages") -> ParsedRow:
-    """`key` names the list in messages, as the user wrote it (ShareGPT rows arrive converted)."""
+def _parse_chat_row(row: dict, training: bool, key: str = "messages", shift: int = 0) -> ParsedRow:
+    """`key` names the list in messages as the user wrote it, and messages[i] is the user's
+    key[i - shift] (ShareGPT rows arrive converted, their `system` key as a first message)."""
     raw_messages = row["messages"]
     if not isinstance(raw_messages, list):
         raise RowError(f'"{key}" must be a list of message objects, got {_type_name(raw_messages)}')
@@ -113,7 +114,7 @@ def _parse_chat_row(row: dict, training: bool, key: str = "messages") -> ParsedR
         instructions = _text(first.get("content"), f"{key}[0].content ({first['role']})")
         ignored += [f"{key}[].{k}" for k in first if k not in ("role", "content")]
         start = 1
-    builder = _MessageBuilder(key)
+    builder = _MessageBuilder(key, shift)
     for index in range(start, len(raw_messages)):
         ignored += builder.add(raw_messages[index], index)
     messages = builder.finish() if training else tuple(builder.messages)
@@ -155,13 +156,13 @@ def _parse_pair_row(row: dict, first: str, second: str) -> ParsedRow:
 class _MessageBuilder:
     """Checks messages in order; tool outputs are matched to the calls made before them."""
 
-    def __init__(self, key: str = "messages"):
-        self.key = key
+    def __init__(self, key: str = "messages", shift: int = 0):
+        self.key, self.shift = key, shift
         self.messages: list[ChatMessage] = []
         self.calls: list[ToolCall] = []
 
     def add(self, raw: Any, index: int) -> list[str]:
-        where = f"{self.key}[{index}]"
+        where = f"{self.key}[{index - self.shift}]"
         if not isinstance(raw, dict):
             raise RowError(f"{where} must be an object with a role, got {_type_name(raw)}")
         role = raw.get("role")
@@ -182,10 +183,15 @@ class _MessageBuilder:
             known |= {"tool_call_id", "name"}
             message = self._tool(raw, where)
         self.messages.append(message)
-        if role != "assistant" and raw.get("weight") is not None:
-            # OpenAI's fine-tuning API defines `weight` on assistant messages only.
-            raise RowError(f"{where} is a {role} message with a weight; only assistant messages are trained or not")
-        return [f"{self.key}[].{k}" for k in raw if k not in known and not (k == "weight" and raw[k] is None)]
+        if role != "assistant" and raw.get("weight") not in (None, 0):
+            # OpenAI's fine-tuning format puts `weight` on assistant messages; 0 elsewhere says what
+            # is true anyway (only assistant messages are trained), anything else cannot be honoured.
+            raise RowError(
+                f"{where} is a {role} message with weight {raw['weight']!r}; only assistant messages are "
+                "trained (remove the weight)"
+            )
+        known.add("weight")
+        return [f"{self.key}[].{k}" for k in raw if k not in known]
 
     def _assistant(self, raw: dict, where: str) -> ChatMessage:
         weight = raw.get("weight")

@@ -26,8 +26,9 @@ SPEAKERS = {
 }  # fmt: skip
 
 
-def sharegpt_to_messages(row: dict) -> tuple[dict, list[str]]:
-    """The equivalent `messages` row, and the ShareGPT keys it does not use (for the summary)."""
+def sharegpt_to_messages(row: dict) -> tuple[dict, list[str], int]:
+    """The equivalent `messages` row, the ShareGPT keys it does not use (for the summary), and how
+    many messages come before conversations[0] (1 when the row's `system` key became the first)."""
     turns = row["conversations"]
     if not isinstance(turns, list):
         raise RowError(f'"conversations" must be a list of {{"from", "value"}} turns, got {type(turns).__name__}')
@@ -63,7 +64,7 @@ def sharegpt_to_messages(row: dict) -> tuple[dict, list[str]]:
         if key in row:
             out[key] = row[key]
     ignored += [k for k in row if k not in ("conversations", "system", *out)]
-    return out, ignored
+    return out, ignored, len(messages) - len(turns)
 
 
 def _call(value: str, where: str) -> dict:
