@@ -178,3 +178,16 @@ def test_bad_column_mapping_is_refused():
         DataOptions(columns=("promt=question",))
     with pytest.raises(ValueError, match="KEY=COLUMN"):
         DataOptions(columns=("prompt",))
+
+
+def test_data_check_and_render_on_a_parquet_file_with_columns(tmp_path, capsys):
+    from osstune.cli import main
+
+    rows = [{"q": "2+2?", "a": "4"}, {"q": "Capital of France?", "a": ""}]
+    pq.write_table(table(rows), tmp_path / "qa.parquet")
+    spec = str(tmp_path / "qa.parquet")
+    assert main(["data", "check", spec, "--column", "prompt=q", "--column", "completion=a"]) == 1
+    assert f'{spec}[1]: "completion" is empty' in capsys.readouterr().err
+    assert main(["data", "render", spec, "--column", "prompt=q", "--column", "completion=a", "--index", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# {spec}[0]") and "<|start|>user<|message|>2+2?<|end|>" in out

@@ -118,3 +118,17 @@ def test_loss_plot_with_matplotlib_and_without(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     plot_loss(tmp_path / "raster.png", train, eval_)
     assert Image.open(tmp_path / "raster.png").size == (640, 400)
+
+
+def test_report_to_flag_and_recipe_key():
+    import argparse
+
+    from osstune.train.cli import add_commands, resolve_config
+    from osstune.train.recipe import RecipeError
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["train", "--report-to", "tensorboard,wandb"])
+    assert resolve_config(args).report_to == ("tensorboard", "wandb")
+    with pytest.raises(RecipeError, match=r"report_to: 'mlflow' is not one of \['tensorboard', 'wandb'\]"):
+        resolve_config(parser.parse_args(["train", "--set", "report_to=[mlflow]"]))

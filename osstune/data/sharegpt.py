@@ -71,7 +71,9 @@ def _call(value: str, where: str) -> dict:
     try:
         call = json.loads(value)
     except json.JSONDecodeError as e:
-        raise RowError(f'{where} is a function_call whose value is not JSON ({e.msg}); write {{"name": ..., "arguments": {{...}}}}') from None
+        raise RowError(
+            f'{where} is a function_call whose value is not JSON ({e.msg}); write {{"name": ..., "arguments": {{...}}}}'
+        ) from None
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         raise RowError(f'{where} is a function_call; its value must be JSON {{"name": ..., "arguments": {{...}}}}')
     return {"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments", {})}}

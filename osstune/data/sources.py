@@ -85,7 +85,10 @@ def resolve(spec: str) -> list[Source]:
 def _file_source(path: Path, name: str) -> Source:
     """`name`: the path as the user wrote it (or as the glob matched it), so messages repeat it."""
     if not path.is_file():
-        raise FileNotFoundError(f"{name} does not exist: no such data file or directory (give a file, a glob, a directory saved by datasets or hf:org/name)")
+        raise FileNotFoundError(
+            f"{name} does not exist: no such data file or directory (give a file, a glob, a directory saved by "
+            "datasets or hf:org/name)"
+        )
     if path.suffix.lower() not in FILE_TYPES:
         raise ValueError(
             f"{name}: unknown data file type {path.suffix!r}; osstune reads {', '.join(FILE_TYPES)} files, a "
@@ -183,7 +186,7 @@ def _read_csv(source: Source, columns: dict[str, str] | None) -> Iterator[RawRow
         yield RawRow(line, None, f"invalid CSV ({e})", source=source.name)
         return
     if not seen:
-        yield RawRow(1, None, "the file has no rows; a CSV data file needs a header line and one line per row", source=source.name)
+        yield RawRow(1, None, "the file has no rows; a CSV file needs a header line and one line per row", source=source.name)
 
 
 def _csv_row(record: dict, line: int, name: str) -> RawRow:
