@@ -9,8 +9,10 @@ import logging
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 
 from osstune.data import parse_row, render_for_training, render_prompt, write_tokenizer_files
+from tests.test_data_render import rows as random_rows
 
 transformers = pytest.importorskip("transformers")
 
@@ -158,3 +160,14 @@ def test_a_base_template_is_kept(tmp_path):
     assert ensure_chat_template(tmp_path) is None and not (tmp_path / "chat_template.jinja").exists()
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     assert ensure_chat_template(tmp_path).read_text() == chat_template()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(random_rows())
+def test_template_equals_harmony_on_random_rows(tokenizer, row):
+    """Generated rows (tool rounds, analysis, several turns, a row ending with a call): the template
+    as a training row and as the prompt before the last turn, against harmony through our renderer."""
+    assert template_ids(tokenizer, row, False) == render_for_training(parse_row(row).conversation)
+    last_user = max(i for i, m in enumerate(row["messages"]) if m["role"] == "user")
+    prompt = {**row, "messages": row["messages"][: last_user + 1]}
+    assert template_ids(tokenizer, prompt, True) == render_prompt(parse_row(prompt, training=False).conversation)
