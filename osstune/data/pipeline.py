@@ -1,8 +1,9 @@
-"""A data file -> tokenized rows (ids + train mask), validated, with a summary of what was kept.
+"""A data spec (files, a saved dataset, hf:...; sources.py) -> tokenized rows (ids + train mask),
+validated, with a summary of what was kept.
 
 `TokenizedRows(path, options)` streams rows (so files larger than memory can be cached); its
 `summary` is complete once the iteration ends. Invalid rows raise `DataError` listing the first
-problems as `file:line: reason`, unless `skip_invalid`, which skips and counts them. Nothing is
+problems as `file:line: reason` (`name[index]: reason` for Parquet and datasets), unless `skip_invalid`, which skips and counts them. Nothing is
 dropped or changed without being counted in the summary and named in its notes.
 """
 
@@ -17,9 +18,9 @@ import numpy as np
 
 from osstune.data.conversation import parse_row
 from osstune.data.errors import DataError, Problem, RowError
-from osstune.data.sources import parse_columns, read_source
 from osstune.data.masks import TRAIN_ON, train_mask, untrained_mask
 from osstune.data.render import RenderOptions, harmony_encoding, render_for_training
+from osstune.data.sources import parse_columns, read_source
 
 log = logging.getLogger("osstune.data")
 
@@ -59,7 +60,7 @@ class TokenizedRow:
 
 @dataclass(frozen=True)
 class DataSummary:
-    path: str
+    path: str  # the data spec: a file, several (comma-separated), a glob, a saved dataset or hf:org/name
     rows: int  # rows read, valid or not
     kept: int
     skipped_invalid: int
@@ -71,7 +72,6 @@ class DataSummary:
     truncated_tokens: int  # tokens cut off by truncation
     ignored_keys: tuple[str, ...]  # keys present in the data that osstune does not read
     notes: tuple[str, ...]  # "file:line: what happened" for skipped, dropped and truncated rows (first 50)
-    # `path` is the data spec: a file, several (comma-separated), a glob, a saved dataset or hf:org/name.
 
     def describe(self) -> str:
         lines = [
