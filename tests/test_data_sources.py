@@ -191,3 +191,15 @@ def test_data_check_and_render_on_a_parquet_file_with_columns(tmp_path, capsys):
     assert main(["data", "render", spec, "--column", "prompt=q", "--column", "completion=a", "--index", "0"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"# {spec}[0]") and "<|start|>user<|message|>2+2?<|end|>" in out
+
+
+def test_missing_extra_is_named(tmp_path, monkeypatch):
+    import sys
+
+    datasets.Dataset(table(ROWS)).save_to_disk(str(tmp_path / "saved"))
+    pq.write_table(table(ROWS), tmp_path / "rows.parquet")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    for spec in (str(tmp_path / "saved"), str(tmp_path / "rows.parquet")):
+        with pytest.raises(ModuleNotFoundError, match=r"pip install 'osstune\[data\]'"):
+            tokens(spec)

@@ -132,3 +132,17 @@ def test_report_to_flag_and_recipe_key():
     assert resolve_config(args).report_to == ("tensorboard", "wandb")
     with pytest.raises(RecipeError, match=r"report_to: 'mlflow' is not one of \['tensorboard', 'wandb'\]"):
         resolve_config(parser.parse_args(["train", "--set", "report_to=[mlflow]"]))
+
+
+def test_tensorboard_on_resume_drops_the_lost_tail(tmp_path):
+    """A resumed run (from a checkpoint at step 2) replaces what the first one logged after it."""
+    pytest.importorskip("tensorboard")
+    first = Reporter(("tensorboard",), tmp_path, {})
+    for step in range(1, 5):
+        first.log(step, {"loss": float(step)})
+    first.close()
+    resumed = Reporter(("tensorboard",), tmp_path, {}, start_step=2)
+    for step in (3, 4):
+        resumed.log(step, {"loss": 10.0 * step})
+    resumed.close()
+    assert read_tensorboard(tmp_path / "tensorboard")["train/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
