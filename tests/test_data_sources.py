@@ -123,9 +123,10 @@ def test_csv_with_column_mapping_equals_jsonl(tmp_path):
 
 
 def test_csv_messages_cells_hold_json(tmp_path, reference):
+    """Cells of `messages` hold JSON text; a spreadsheet's byte-order mark is not part of the header."""
     import csv
 
-    with open(tmp_path / "chat.csv", "w", newline="", encoding="utf-8") as f:
+    with open(tmp_path / "chat.csv", "w", newline="", encoding="utf-8-sig") as f:  # with a byte-order mark
         w = csv.writer(f)
         w.writerow(["messages", "reasoning_effort"])
         w.writerows([(json.dumps(r["messages"]), r.get("reasoning_effort", "")) for r in ROWS if "messages" in r])

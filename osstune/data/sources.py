@@ -167,7 +167,8 @@ def _rename(raw: RawRow, columns: dict[str, str]) -> RawRow:
 
 def _read_csv(source: Source, columns: dict[str, str] | None) -> Iterator[RawRow]:
     try:
-        with open(source.name, newline="", encoding="utf-8") as f:
+        # utf-8-sig: spreadsheet programs start their CSV files with a byte-order mark.
+        with open(source.name, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             line = 1
             if reader.fieldnames is None:  # reads the header
@@ -179,8 +180,9 @@ def _read_csv(source: Source, columns: dict[str, str] | None) -> Iterator[RawRow
                 seen = True
                 yield _csv_row(record, line, source.name)
                 line = reader.line_num + 1  # where the next record starts (a quoted cell may span lines)
-    except UnicodeDecodeError as e:
-        yield RawRow(1, None, f"not UTF-8 text (byte {e.start}); save the file as UTF-8", source=source.name)
+    except UnicodeDecodeError:
+        # The decoder reads ahead of the csv reader, so the line is where reading stopped, roughly.
+        yield RawRow(line, None, "not UTF-8 text (at or after this line); save the file as UTF-8", source=source.name)
         return
     except csv.Error as e:
         yield RawRow(line, None, f"invalid CSV ({e})", source=source.name)
