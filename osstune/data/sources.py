@@ -229,7 +229,10 @@ def load_dataset(source: Source):
         try:
             loaded = datasets.load_from_disk(source.name)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{source.name}: not a directory written by datasets' save_to_disk ({e})") from None
+            raise FileNotFoundError(
+                f"{source.name}: not a directory written by datasets' save_to_disk ({e}); for a folder of data "
+                f"files give a glob ({source.name}/*.jsonl)"
+            ) from None
         if isinstance(loaded, datasets.DatasetDict):
             split = source.split or ("train" if "train" in loaded else None)
             if split not in loaded:
