@@ -7,7 +7,8 @@ writes it locally for a later `wandb sync`, and WANDB_PROJECT names the project 
 Both are optional: `pip install 'osstune[logging]'`.
 
 Tags: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/tokens, train/peak_gpu_gb,
-eval/loss; the step is the optimizer step, as in metrics.jsonl.
+eval/loss; the step is the optimizer step, as in metrics.jsonl. In a distributed run only rank 0
+reports (the metrics are the run's, not one rank's).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class Reporter:
     def __init__(self, report_to: tuple[str, ...], out: Path, config: dict[str, Any], start_step: int = 0) -> None:
         check_reporters(report_to)
         self._tb = self._wandb = None
+        if not _main_process():
+            return
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -73,6 +76,12 @@ class Reporter:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _wandb_run(out: Path, config: dict[str, Any]):
