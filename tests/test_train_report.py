@@ -146,3 +146,26 @@ def test_tensorboard_on_resume_drops_the_lost_tail(tmp_path):
         resumed.log(step, {"loss": 10.0 * step})
     resumed.close()
     assert read_tensorboard(tmp_path / "tensorboard")["train/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+def _report_from_rank(rank, world, root):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
+    try:
+        report = Reporter(("tensorboard",), root / "run", {})
+        report.log(1, {"loss": float(rank + 1)})
+        report.close()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_only_rank_zero_reports(tmp_path):
+    """Two processes in a real gloo group log different values; the events hold rank 0's alone."""
+    pytest.importorskip("tensorboard")
+    import torch.multiprocessing as mp
+
+    mp.spawn(_report_from_rank, args=(2, tmp_path), nprocs=2, join=True)
+    assert len(list((tmp_path / "run" / "tensorboard").iterdir())) == 1
+    assert read_tensorboard(tmp_path / "run" / "tensorboard")["train/loss"] == [(1, 1.0)]
