@@ -69,7 +69,9 @@ def from_ranks():
 def checkpoint_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
     written = write_tokenizer_files(out)
-    assert sorted(p.name for p in written) == ["special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in written) == [
+        "chat_template.jinja", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"
+    ]
     return out
 
 

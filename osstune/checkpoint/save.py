@@ -131,11 +131,16 @@ def write_checkpoint(
             shutil.copyfile(p, tmp / p.name)
         if tokenizer_source is None and write_tokenizer:
             _write_tokenizer(tmp)
+        elif copied:
+            _add_chat_template(tmp)
         if not (tmp / "generation_config.json").exists():
             _write_json(tmp / "generation_config.json", GENERATION_CONFIG)
         hf = cfg.to_hf_dict()
         dtype = str(convert.dtype("model.embed_tokens.weight")).removeprefix("torch.")
         hf["torch_dtype"] = hf["dtype"] = dtype  # transformers 4 reads torch_dtype, 5 reads dtype
+        # As in every config transformers writes, gpt-oss's own included. Without it, transformers 5
+        # takes a local config for one written before 5.0 and runs its old-tokenizer checks on it.
+        hf["transformers_version"] = _transformers_version()
         _write_json(tmp / "config.json", hf)  # last: a directory without it is not a checkpoint
     return out_dir
 
@@ -184,6 +189,27 @@ def _write_tokenizer(out: Path) -> None:
         )
         return
     write_tokenizer_files(out)
+
+
+def _add_chat_template(out: Path) -> None:
+    try:
+        from osstune.data.tokenizer import ensure_chat_template
+    except ModuleNotFoundError as e:
+        if e.name not in ("osstune.data", "osstune.data.tokenizer"):
+            raise
+        return
+    ensure_chat_template(out)
+
+
+def _transformers_version() -> str:
+    """The installed transformers' version (what its save_pretrained writes), else the version
+    openai/gpt-oss's config.json names."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return "4.55.0"
 
 
 def _write_json(path: Path, value: object) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 
 from osstune.data.paths import cache_dir
 from osstune.data.pipeline import DataOptions, DataSummary, TokenizedRows
+from osstune.data.sources import resolve, source_digest
 
 _FORMAT = 1
 _FILES = ("tokens.u32", "mask.u8", "offsets.i64", "lines.i64")
@@ -83,13 +84,10 @@ class TokenCache:
 
 
 def cache_key(path: str | Path, options: DataOptions) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    """`path` is a data spec (sources.py): its files' bytes, or a dataset's Arrow files, are hashed."""
     settings = {
         "format": _FORMAT,
-        "file_sha256": digest.hexdigest(),
+        **source_digest(str(path)),
         "options": _options_dict(options),
         # The renderer's version is part of the key: harmony has changed header layouts between releases.
         "openai_harmony": metadata.version("openai-harmony"),
@@ -98,7 +96,8 @@ def cache_key(path: str | Path, options: DataOptions) -> str:
 
 
 def build_cache(path: str | Path, options: DataOptions = DataOptions(), root: str | Path | None = None) -> TokenCache:
-    """The cache entry of `path` under `options`, built if missing. Raises DataError on invalid data."""
+    """The cache entry of the data spec `path` (a file, several, a glob, a saved dataset, hf:org/name)
+    under `options`, built if missing. Raises DataError on invalid data."""
     root = Path(root) if root is not None else cache_dir() / "datasets"
     key = cache_key(path, options)
     final = root / key
@@ -107,7 +106,7 @@ def build_cache(path: str | Path, options: DataOptions = DataOptions(), root: st
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
     try:
-        _write_entry(Path(path), options, key, tmp)
+        _write_entry(path, options, key, tmp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -128,7 +127,7 @@ def _named_for(cache: TokenCache, path: str | Path) -> TokenCache:
     return dataclasses.replace(cache, summary=dataclasses.replace(cache.summary, path=new, notes=notes))
 
 
-def _write_entry(path: Path, options: DataOptions, key: str, out: Path) -> None:
+def _write_entry(path: str | Path, options: DataOptions, key: str, out: Path) -> None:
     offsets, lines = array("q", [0]), array("q")
     reader = TokenizedRows(path, options)
     with open(out / "tokens.u32", "wb") as tokens_f, open(out / "mask.u8", "wb") as mask_f:
@@ -145,7 +144,7 @@ def _write_entry(path: Path, options: DataOptions, key: str, out: Path) -> None:
     manifest = {
         "format": _FORMAT,
         "key": key,
-        "source": str(path.resolve()),
+        "source": _describe(path),
         "options": _options_dict(options),
         "rows": len(lines),
         "tokens": offsets[-1],
@@ -154,7 +153,14 @@ def _write_entry(path: Path, options: DataOptions, key: str, out: Path) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
 
+def _describe(spec: str | Path) -> str:
+    """The manifest's `source`: absolute paths for files, the labels of datasets."""
+    return ",".join(str(Path(s.name).resolve()) if s.kind not in ("hf", "disk") else s.label for s in resolve(str(spec)))
+
+
 def _options_dict(options: DataOptions) -> dict:
     d = dataclasses.asdict(options)
     d.pop("max_problems")  # changes error reporting, not tokens
+    if not d["columns"]:
+        d.pop("columns")  # keys of entries built before column mapping existed stay the same
     return d

@@ -14,10 +14,15 @@ import numpy as np
 
 from osstune.data.conversation import parse_row
 from osstune.data.errors import DataError, RowError
-from osstune.data.formats import read_rows
-from osstune.data.masks import TRAIN_ON, train_mask
+from osstune.data.masks import TRAIN_ON, train_mask, untrained_mask
 from osstune.data.pipeline import OVERFLOW, DataOptions, TokenizedRows
 from osstune.data.render import RenderOptions, harmony_encoding, render_for_training
+from osstune.data.sources import parse_columns, read_source
+
+_SPEC_HELP = (
+    ".jsonl, .json, .csv or .parquet file(s) (comma-separated, or a glob), a directory saved by datasets, "
+    "or hf:org/name[:config][@split]"
+)
 
 _GREEN, _RESET = "\x1b[32m", "\x1b[0m"
 
@@ -27,7 +32,7 @@ def add_commands(subparsers) -> None:
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 
     check = sub.add_parser("check", help="validate a data file and summarize its tokens")
-    check.add_argument("file", help=".jsonl (one row per line) or .json (a list of rows)")
+    check.add_argument("file", help=_SPEC_HELP)
     check.add_argument("--skip-invalid", action="store_true", help="skip invalid rows (counted) instead of failing")
     check.add_argument("--max-length", type=int, default=None, help="tokens per row (default: no limit)")
     check.add_argument("--overflow", choices=OVERFLOW, default="error", help="rows over --max-length (default: error)")
@@ -36,7 +41,7 @@ def add_commands(subparsers) -> None:
     check.set_defaults(func=run_check)
 
     render = sub.add_parser("render", help="show rows as harmony text with the trained tokens marked")
-    render.add_argument("file", help=".jsonl or .json data file")
+    render.add_argument("file", help=_SPEC_HELP)
     render.add_argument("--index", type=int, default=None, help="only row N (0-based, in file order)")
     render.add_argument("--json", action="store_true", help='one JSON object per row: {"line", "text", "tokens", "train_mask"}')
     _add_render_arguments(render)
@@ -48,6 +53,8 @@ def _add_render_arguments(parser: argparse.ArgumentParser) -> None:
                         help="assistant messages trained: the last turn (default), its final answers, or all")
     parser.add_argument("--reasoning-effort", choices=("low", "medium", "high"), default="medium",
                         help="system message default when a row does not set it (default: medium)")
+    parser.add_argument("--column", dest="columns", action="append", default=[], metavar="KEY=COLUMN",
+                        help="read osstune's KEY from the source column COLUMN, e.g. prompt=question (repeatable)")
 
 
 def _render_options(args) -> RenderOptions:
@@ -62,6 +69,7 @@ def run_check(args) -> int:
         skip_invalid=args.skip_invalid,
         max_problems=args.max_problems,
         render=_render_options(args),
+        columns=tuple(args.columns),
     )
     reader = TokenizedRows(args.file, options)
     lengths = []
@@ -99,7 +107,7 @@ def run_render(args) -> int:
     encoding = harmony_encoding()
     color = sys.stdout.isatty() and not args.json
     found = False
-    for index, raw in enumerate(read_rows(args.file)):
+    for index, raw in enumerate(read_source(args.file, parse_columns(args.columns))):
         if args.index is not None and index != args.index:
             continue
         found = True
@@ -108,16 +116,19 @@ def run_render(args) -> int:
                 raise RowError(raw.error)
             conversation = parse_row(raw.value).conversation
         except RowError as e:
-            print(f"{args.file}:{raw.line}: {e}", file=sys.stderr)
+            print(f"{raw.location}: {e}", file=sys.stderr)
             return 1
         ids = np.asarray(render_for_training(conversation, options), dtype=np.uint32)
         mask = train_mask(ids, args.train_on, encoding)
+        untrained = untrained_mask(ids, conversation, encoding)
+        if untrained is not None:
+            mask &= ~untrained
         if args.json:
             text = encoding.decode(ids.tolist())
             print(json.dumps({"line": raw.line, "text": text, "tokens": ids.tolist(),
                               "train_mask": mask.astype(int).tolist()}, ensure_ascii=False))
         else:
-            print(f"# {args.file}:{raw.line}  ({len(ids)} tokens, {int(mask.sum())} trained"
+            print(f"# {raw.location}  ({len(ids)} tokens, {int(mask.sum())} trained"
                   f"{', trained in green' if color else ''})")
             print(_highlight(ids, mask, encoding, color))
             print()

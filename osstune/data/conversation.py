@@ -4,8 +4,10 @@ Accepted rows (docs/DATA.md has the details and examples):
   {"messages": [...], "tools"?: [...], "reasoning_effort"?, "model_identity"?, "current_date"?}
   {"prompt": ..., "completion": ...}, {"question": ..., "answer": ...},
   {"instruction": ..., "input"?: ..., "output": ...}
+  {"conversations": [{"from": "human", "value": ...}, ...]}   (ShareGPT, mapped in sharegpt.py)
 Messages: roles system/developer (first message only: it becomes the developer instructions),
-user, assistant (`content` = final answer, `thinking` = analysis, `tool_calls`), tool.
+user, assistant (`content` = final answer, `thinking` = analysis, `tool_calls`, `weight` 0/1 as in
+OpenAI's fine-tuning rows: 0 keeps the message as context, untrained), tool.
 Every rule that rejects a row raises `RowError` with a message saying what to change.
 """
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from osstune.data.errors import RowError
+from osstune.data.sharegpt import sharegpt_to_messages
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 REASONING_EFFORTS = ("low", "medium", "high")
@@ -43,6 +46,7 @@ class ChatMessage:
     thinking: str | None = None  # assistant analysis (chain of thought)
     tool_calls: tuple[ToolCall, ...] = ()
     tool_name: str | None = None  # tool messages: the function that produced this output
+    trained: bool = True  # False: an assistant message with OpenAI's `"weight": 0`, kept as context only
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,10 @@ def parse_row(row: Any, training: bool = True) -> ParsedRow:
         raise RowError(f"a row must be a JSON object, got {_type_name(row)}; {_SHAPES_HINT}")
     if "messages" in row:
         return _parse_chat_row(row, training)
+    if "conversations" in row:
+        messages_row, ignored, shift = sharegpt_to_messages(row)
+        parsed = _parse_chat_row(messages_row, training, key="conversations", shift=shift)
+        return ParsedRow(parsed.conversation, tuple(dict.fromkeys([*ignored, *parsed.ignored_keys])))
     for first, second in _PAIR_SHAPES:
         if first in row or second in row:
             return _parse_pair_row(row, first, second)
@@ -85,26 +93,28 @@ def parse_row(row: Any, training: bool = True) -> ParsedRow:
 
 
 _SHAPES_HINT = (
-    'expected {"messages": [...]} or a pair {"prompt", "completion"}, {"question", "answer"} '
-    'or {"instruction", "input", "output"}'
+    'expected {"messages": [...]} (OpenAI chat), {"conversations": [...]} (ShareGPT) or a pair '
+    '{"prompt", "completion"}, {"question", "answer"} or {"instruction", "input", "output"}'
 )
 
 
-def _parse_chat_row(row: dict, training: bool) -> ParsedRow:
+def _parse_chat_row(row: dict, training: bool, key: str = "messages", shift: int = 0) -> ParsedRow:
+    """`key` names the list in messages as the user wrote it, and messages[i] is the user's
+    key[i - shift] (ShareGPT rows arrive converted, their `system` key as a first message)."""
     raw_messages = row["messages"]
     if not isinstance(raw_messages, list):
-        raise RowError(f'"messages" must be a list of message objects, got {_type_name(raw_messages)}')
+        raise RowError(f'"{key}" must be a list of message objects, got {_type_name(raw_messages)}')
     if not raw_messages and training:
-        raise RowError('"messages" is empty; a row needs at least a user message and an assistant answer')
+        raise RowError(f'"{key}" is empty; a row needs at least a user message and an assistant answer')
     ignored = [k for k in row if k not in ("messages", *_ROW_OPTION_KEYS)]
     instructions = None
     start = 0
     first = raw_messages[0] if raw_messages else None
     if isinstance(first, dict) and first.get("role") in ("system", "developer"):
-        instructions = _text(first.get("content"), f"messages[0].content ({first['role']})")
-        ignored += [f"messages[].{k}" for k in first if k not in ("role", "content")]
+        instructions = _text(first.get("content"), f"{key}[0].content ({first['role']})")
+        ignored += [f"{key}[].{k}" for k in first if k not in ("role", "content")]
         start = 1
-    builder = _MessageBuilder()
+    builder = _MessageBuilder(key, shift)
     for index in range(start, len(raw_messages)):
         ignored += builder.add(raw_messages[index], index)
     messages = builder.finish() if training else tuple(builder.messages)
@@ -146,12 +156,13 @@ def _parse_pair_row(row: dict, first: str, second: str) -> ParsedRow:
 class _MessageBuilder:
     """Checks messages in order; tool outputs are matched to the calls made before them."""
 
-    def __init__(self):
+    def __init__(self, key: str = "messages", shift: int = 0):
+        self.key, self.shift = key, shift
         self.messages: list[ChatMessage] = []
         self.calls: list[ToolCall] = []
 
     def add(self, raw: Any, index: int) -> list[str]:
-        where = f"messages[{index}]"
+        where = f"{self.key}[{index - self.shift}]"
         if not isinstance(raw, dict):
             raise RowError(f"{where} must be an object with a role, got {_type_name(raw)}")
         role = raw.get("role")
@@ -166,15 +177,27 @@ class _MessageBuilder:
         if role == "user":
             message = ChatMessage("user", _text(raw.get("content"), f"{where}.content"))
         elif role == "assistant":
-            known |= {"thinking", "tool_calls"}
+            known |= {"thinking", "tool_calls", "weight"}
             message = self._assistant(raw, where)
         else:
             known |= {"tool_call_id", "name"}
             message = self._tool(raw, where)
         self.messages.append(message)
-        return [f"messages[].{k}" for k in raw if k not in known]
+        if role != "assistant" and raw.get("weight") not in (None, 0):
+            # OpenAI's fine-tuning format puts `weight` on assistant messages; 0 elsewhere says what
+            # is true anyway (only assistant messages are trained), anything else cannot be honoured.
+            raise RowError(
+                f"{where} is a {role} message with weight {raw['weight']!r}; only assistant messages are "
+                "trained (remove the weight)"
+            )
+        known.add("weight")
+        return [f"{self.key}[].{k}" for k in raw if k not in known]
 
     def _assistant(self, raw: dict, where: str) -> ChatMessage:
+        weight = raw.get("weight")
+        if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
+            raise RowError(f"{where}.weight is {weight!r}; OpenAI's fine-tuning format takes 0 (not trained) or 1")
+        trained = weight != 0
         content = raw.get("content")
         content = None if content is None else _text(content, f"{where}.content")
         thinking = raw.get("thinking")
@@ -188,14 +211,14 @@ class _MessageBuilder:
                     "the call in one of them (both are the analysis message)"
                 )
             self.calls.extend(calls)
-            return ChatMessage("assistant", None, thinking or content or None, calls)
+            return ChatMessage("assistant", None, thinking or content or None, calls, trained=trained)
         if not content:
             what = "only thinking" if thinking else "no content"
             raise RowError(
                 f"{where} is an assistant message with {what}; give the final answer in \"content\" "
                 "(and the reasoning in \"thinking\")"
             )
-        return ChatMessage("assistant", content, thinking or None)
+        return ChatMessage("assistant", content, thinking or None, trained=trained)
 
     def _tool(self, raw: dict, where: str) -> ChatMessage:
         if not self.calls:

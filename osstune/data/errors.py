@@ -8,11 +8,13 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Problem:
     path: str
-    line: int
+    line: int  # with `indexed`, the 0-based row index of a source without lines (Parquet, datasets)
     reason: str
+    indexed: bool = False
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.reason}"
+        where = f"{self.path}[{self.line}]" if self.indexed else f"{self.path}:{self.line}"
+        return f"{where}: {self.reason}"
 
 
 class DataError(ValueError):

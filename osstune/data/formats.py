@@ -16,9 +16,16 @@ from typing import Any
 
 @dataclass(frozen=True)
 class RawRow:
-    line: int  # 1-based line where the row starts
+    line: int  # 1-based line where the row starts; with `indexed`, the 0-based row index
     value: Any  # the decoded JSON value, or None when `error` is set
     error: str | None = None  # why the text is not a row (invalid JSON...)
+    source: str = ""  # the file (or dataset split) the row comes from (sources.py)
+    indexed: bool = False  # True for sources without lines (Parquet, `datasets`): `line` is an index
+
+    @property
+    def location(self) -> str:
+        """`file:line`, or `name[index]` for indexed sources."""
+        return f"{self.source}[{self.line}]" if self.indexed else f"{self.source}:{self.line}"
 
 
 def read_rows(path: str | Path) -> Iterator[RawRow]:

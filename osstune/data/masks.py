@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from osstune.data.render import harmony_encoding
+from osstune.data.conversation import Conversation
+from osstune.data.render import assistant_parts, harmony_encoding
 from osstune.data.vocab import NAMED_SPECIAL_TOKENS
 
 TRAIN_ON = ("last", "final", "all")
@@ -110,3 +111,30 @@ def _assistant_header_cached(encoding) -> tuple[int, ...]:
 def _assistant_header(encoding) -> list[int]:
     # `<|start|>assistant`: what the inference prompt ends with (render_conversation_for_completion).
     return list(_assistant_header_cached(encoding))
+
+
+def untrained_mask(tokens: np.ndarray, conversation: Conversation, encoding=None) -> np.ndarray | None:
+    """bool (T,): True over the rendered messages of assistant messages with `weight: 0` (OpenAI's
+    fine-tuning format: kept as context, not trained); None when the row has none.
+
+    Each assistant segment is matched, in order, to the next harmony message of the row that renders
+    to the same tokens (the last token aside: the row's last answer ends with <|return|> rendered in
+    place, <|end|> alone); messages harmony left out of the context are skipped that way."""
+    if all(m.trained for m in conversation.messages):
+        return None
+    encoding = encoding or harmony_encoding()
+    parts = assistant_parts(conversation)
+    mask = np.zeros(len(tokens), dtype=bool)
+    j = 0
+    for seg in segments(tokens, encoding):
+        if seg.author != "assistant":
+            continue
+        body = tokens[seg.start : seg.stop - 1].tolist()
+        while j < len(parts) and parts[j][1][:-1] != body:
+            j += 1
+        if j == len(parts):
+            raise AssertionError(f"assistant message at token {seg.start} matches no message of the row")
+        if not conversation.messages[parts[j][0]].trained:
+            mask[seg.start : seg.stop] = True
+        j += 1
+    return mask

@@ -1,8 +1,9 @@
-"""A data file -> tokenized rows (ids + train mask), validated, with a summary of what was kept.
+"""A data spec (files, a saved dataset, hf:...; sources.py) -> tokenized rows (ids + train mask),
+validated, with a summary of what was kept.
 
 `TokenizedRows(path, options)` streams rows (so files larger than memory can be cached); its
 `summary` is complete once the iteration ends. Invalid rows raise `DataError` listing the first
-problems as `file:line: reason`, unless `skip_invalid`, which skips and counts them. Nothing is
+problems as `file:line: reason` (`name[index]: reason` for Parquet and datasets), unless `skip_invalid`, which skips and counts them. Nothing is
 dropped or changed without being counted in the summary and named in its notes.
 """
 
@@ -17,9 +18,9 @@ import numpy as np
 
 from osstune.data.conversation import parse_row
 from osstune.data.errors import DataError, Problem, RowError
-from osstune.data.formats import read_rows
-from osstune.data.masks import TRAIN_ON, train_mask
+from osstune.data.masks import TRAIN_ON, train_mask, untrained_mask
 from osstune.data.render import RenderOptions, harmony_encoding, render_for_training
+from osstune.data.sources import parse_columns, read_source
 
 log = logging.getLogger("osstune.data")
 
@@ -35,6 +36,8 @@ class DataOptions:
     skip_invalid: bool = False  # False: invalid rows raise DataError; True: skipped and counted
     max_problems: int = 20  # how many problems a DataError lists before reading stops
     render: RenderOptions = field(default_factory=RenderOptions)
+    # Source columns renamed onto the keys osstune reads: ("prompt=question", ...) (sources.py)
+    columns: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.overflow not in OVERFLOW:
@@ -45,18 +48,19 @@ class DataOptions:
             raise ValueError(f"max_length={self.max_length}; a row needs at least 2 tokens to train on")
         if self.max_problems < 1:
             raise ValueError(f"max_problems={self.max_problems}; expected at least 1")
+        parse_columns(self.columns)
 
 
 @dataclass(frozen=True)
 class TokenizedRow:
-    line: int  # where the row starts in its file
+    line: int  # where the row starts in its file (the row index for Parquet and `datasets` sources)
     ids: np.ndarray  # (T,) uint32 harmony tokens
     train: np.ndarray  # (T,) bool, True for training targets (see masks.py)
 
 
 @dataclass(frozen=True)
 class DataSummary:
-    path: str
+    path: str  # the data spec: a file, several (comma-separated), a glob, a saved dataset or hf:org/name
     rows: int  # rows read, valid or not
     kept: int
     skipped_invalid: int
@@ -88,10 +92,10 @@ class DataSummary:
 
 
 class TokenizedRows:
-    """Iterate over the valid, rendered rows of one data file."""
+    """Iterate over the valid, rendered rows of a data spec (one or more sources, sources.py)."""
 
     def __init__(self, path: str | Path, options: DataOptions = DataOptions()):
-        self.path = Path(path)
+        self.path = path if isinstance(path, Path) else str(path)
         self.options = options
         self.summary: DataSummary | None = None
 
@@ -106,11 +110,11 @@ class TokenizedRows:
         notes: list[str] = []
         problems: list[Problem] = []
 
-        def note(line: int, text: str) -> None:
+        def note(raw, text: str) -> None:
             if len(notes) < _MAX_NOTES:
-                notes.append(f"{self.path}:{line}: {text}")
+                notes.append(f"{raw.location}: {text}")
 
-        for raw in read_rows(self.path):
+        for raw in read_source(self.path, parse_columns(o.columns)):
             counts["rows"] += 1
             try:
                 if raw.error:
@@ -118,23 +122,26 @@ class TokenizedRows:
                 parsed = parse_row(raw.value)
             except RowError as e:
                 if not o.skip_invalid:
-                    problems.append(Problem(str(self.path), raw.line, str(e)))
+                    problems.append(Problem(raw.source, raw.line, str(e), raw.indexed))
                     if len(problems) >= o.max_problems:
                         break
                     continue
                 counts["skipped_invalid"] += 1
-                note(raw.line, f"skipped: {e}")
+                note(raw, f"skipped: {e}")
                 continue
             ignored.update(dict.fromkeys(parsed.ignored_keys))
             ids = np.asarray(render_for_training(parsed.conversation, o.render), dtype=np.uint32)
             train = train_mask(ids, o.train_on, encoding)
+            untrained = untrained_mask(ids, parsed.conversation, encoding)
+            if untrained is not None:
+                train &= ~untrained
             if o.max_length is not None and len(ids) > o.max_length:
                 if o.overflow == "error":
                     problems.append(
                         Problem(
-                            str(self.path), raw.line,
+                            raw.source, raw.line,
                             f"{len(ids)} tokens, more than max_length={o.max_length}; raise max_length, "
-                            "or set overflow to 'truncate' or 'drop'",
+                            "or set overflow to 'truncate' or 'drop'", raw.indexed,
                         )
                     )
                     if len(problems) >= o.max_problems:
@@ -142,16 +149,16 @@ class TokenizedRows:
                     continue
                 if o.overflow == "drop":
                     counts["dropped_too_long"] += 1
-                    note(raw.line, f"dropped: {len(ids)} tokens > max_length={o.max_length}")
+                    note(raw, f"dropped: {len(ids)} tokens > max_length={o.max_length}")
                     continue
                 counts["truncated"] += 1
                 counts["truncated_tokens"] += len(ids) - o.max_length
-                note(raw.line, f"truncated from {len(ids)} to {o.max_length} tokens")
+                note(raw, f"truncated from {len(ids)} to {o.max_length} tokens")
                 ids, train = ids[: o.max_length], train[: o.max_length]
             if not train.any():
                 # A row with no target would add nothing but a 0/0 to the loss.
                 counts["dropped_no_target"] += 1
-                note(raw.line, f"dropped: no trained token left (train_on={o.train_on!r}, {len(ids)} tokens)")
+                note(raw, f"dropped: no trained token left (train_on={o.train_on!r}, {len(ids)} tokens)")
                 continue
             counts["kept"] += 1
             counts["tokens"] += len(ids)

@@ -88,6 +88,18 @@ def render_for_training(conversation: Conversation, options: RenderOptions = Ren
     )
 
 
+def assistant_parts(conversation: Conversation) -> list[tuple[int, list[int]]]:
+    """For each harmony message made from an assistant message, in order: (index of that message in
+    `conversation.messages`, its tokens rendered alone). Lets masks.py tell which rendered messages
+    come from which row message (for `weight: 0`), whatever harmony dropped from the context."""
+    encoding = harmony_encoding()
+    out = []
+    for index, m in enumerate(conversation.messages):
+        if m.role == "assistant":
+            out += [(index, encoding.render(h)) for h in _messages((m,))]
+    return out
+
+
 def render_prompt(conversation: Conversation, options: RenderOptions = RenderOptions()) -> list[int]:
     """Harmony prompt tokens ending with `<|start|>assistant`, for generation."""
     from openai_harmony import RenderConversationConfig, Role

@@ -110,9 +110,30 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     return Tokenizer(backend, source=str(file))
 
 
+def chat_template() -> str:
+    """osstune's Jinja chat template for gpt-oss (chat_template.jinja beside this file): the harmony
+    format as `render_prompt` (add_generation_prompt) and `render_for_training` write it."""
+    return (Path(__file__).resolve().parent / "chat_template.jinja").read_text(encoding="utf-8")
+
+
+def ensure_chat_template(out_dir: str | Path) -> Path | None:
+    """Write chat_template.jinja into a directory whose tokenizer files (copied from a base checkpoint)
+    carry no chat template, neither as that file nor in tokenizer_config.json; returns the file
+    written, or None when the directory already has a template (the base's own is kept)."""
+    out = Path(out_dir)
+    config = out / "tokenizer_config.json"
+    if (out / "chat_template.jinja").is_file():
+        return None
+    if config.is_file() and "chat_template" in json.loads(config.read_text(encoding="utf-8")):
+        return None
+    write_atomic(out / "chat_template.jinja", chat_template().encode("utf-8"))
+    return out / "chat_template.jinja"
+
+
 def write_tokenizer_files(out_dir: str | Path) -> list[Path]:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`, loadable
-    by `transformers.AutoTokenizer` and `tokenizers`. Returns the written paths."""
+    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja
+    into `out_dir`, loadable by `transformers.AutoTokenizer` (whose `apply_chat_template` then renders
+    harmony as osstune does) and `tokenizers`. Returns the written paths."""
     out = Path(out_dir)
     tokenizer_json = out / "tokenizer.json"
     write_atomic(tokenizer_json, tokenizer_json_path().read_bytes())
@@ -135,4 +156,7 @@ def write_tokenizer_files(out_dir: str | Path) -> list[Path]:
     for name, payload in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
         write_atomic(out / name, (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
         written.append(out / name)
+    # Its own file, as transformers 5 saves it (older releases and other tools read the same file).
+    write_atomic(out / "chat_template.jinja", chat_template().encode("utf-8"))
+    written.append(out / "chat_template.jinja")
     return written

@@ -84,12 +84,33 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _write_tokenizer(out: Path, base_model: str | None) -> None:
+    """The base checkpoint's tokenizer files when `base_model` is a directory holding them (plus our
+    chat template if it has none), else the built-in gpt-oss tokenizer's."""
+    import shutil
+
+    from osstune.data.tokenizer import ensure_chat_template, write_tokenizer_files
+
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+    base = Path(base_model) if base_model else None
+    if base is not None and base.is_dir() and (base / "tokenizer.json").is_file():
+        for name in names:
+            if (base / name).is_file():
+                shutil.copyfile(base / name, out / name)
+        ensure_chat_template(out)
+    else:
+        write_tokenizer_files(out)
+
+
 def save_adapter(model: GptOss, out_dir: str | os.PathLike, base_model: str | None = None) -> Path:
-    """Write `adapter_model.safetensors`, then `adapter_config.json` (its presence marks a complete save)."""
+    """Write the tokenizer files with the chat template (so the adapter directory serves as the
+    tokenizer too, as `AutoTokenizer.from_pretrained(adapter_dir)` expects), then
+    `adapter_model.safetensors`, then `adapter_config.json` (its presence marks a complete save)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _write_tokenizer(out, base_model)
     config = adapter_config(model, base_model)
     sd = adapter_state_dict(model)
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata={"format": "pt"}))

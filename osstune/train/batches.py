@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,26 +76,21 @@ class TrainData:
 
 def _options(cfg: TrainConfig) -> DataOptions:
     d = cfg.data
-    return DataOptions(max_length=d.seq_len, overflow=d.overlong, train_on=d.train_on, skip_invalid=d.skip_invalid)
-
-
-def _check_file(path: str, what: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    return p
+    return DataOptions(
+        max_length=d.seq_len, overflow=d.overlong, train_on=d.train_on, skip_invalid=d.skip_invalid, columns=d.columns
+    )
 
 
 def build_data(cfg: TrainConfig) -> TrainData:
     """Validate and tokenize (cached on disk), split off eval rows, and set up packing.
     Raises osstune.data.DataError listing `file:line: reason` for invalid data."""
     options = _options(cfg)
-    cache = build_cache(_check_file(cfg.data.path, "training data"), options)
+    cache = build_cache(cfg.data.path, options)
     rows = np.arange(len(cache))
     eval_batches: list[Batch] = []
     summary = cache.summary.describe().splitlines()[0]
     if cfg.data.eval_path:
-        eval_cache = build_cache(_check_file(cfg.data.eval_path, "eval data"), options)
+        eval_cache = build_cache(cfg.data.eval_path, options)
         eval_rows = _Rows(eval_cache, np.arange(len(eval_cache)))
     elif cfg.data.eval_fraction:
         perm = np.random.default_rng([cfg.seed, 7]).permutation(len(cache))

@@ -21,6 +21,7 @@ _SHORTCUTS = {
     "targets": "lora.targets",
     "seed": "seed",
     "device": "device",
+    "report_to": "report_to",
 }
 
 
@@ -31,7 +32,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Fine-tune with a YAML recipe (--config) plus flags; precedence: defaults < recipe < flags < --set.",
     )
     p.add_argument("--model", help="checkpoint dir, Hugging Face id or preset (tiny, gpt-oss-20b, gpt-oss-120b)")
-    p.add_argument("--data", help="training data: JSONL / JSON chat or prompt-completion rows")
+    p.add_argument("--data", help="training data: .jsonl/.json/.csv/.parquet file(s) (comma-separated or a glob), "
+                   "a directory saved by datasets, or hf:org/name[:config][@split] (docs/DATA.md)")
     p.add_argument("--eval-data", dest="eval_data", help="held-out data for eval loss")
     p.add_argument("--method", choices=("lora", "qlora", "full"))
     p.add_argument("--output", help="run directory: checkpoints, metrics.jsonl, loss.png, the adapter or model")
@@ -43,6 +45,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--targets", help="LoRA targets: attention, experts or all")
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
+    p.add_argument("--report-to", dest="report_to", type=lambda s: [x for x in s.split(",") if x],
+                   help="also log metrics to tensorboard and/or wandb (comma-separated)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any recipe key, e.g. --set optim.warmup_steps=10 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")

@@ -22,6 +22,8 @@ class DataConfig:
     # (osstune/data/masks.py and docs/DATA.md say why).
     train_on: Literal["last", "final", "all"] = "last"
     skip_invalid: bool = False
+    # Source columns read as osstune's keys, "KEY=COLUMN" (e.g. prompt=question); docs/DATA.md.
+    columns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,9 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     log_every: int = 1
+    # Where the logged metrics also go, besides metrics.jsonl: "tensorboard" (<output>/tensorboard)
+    # and/or "wandb" (WANDB_MODE=offline respected); osstune/train/report.py.
+    report_to: tuple[Literal["tensorboard", "wandb"], ...] = ()
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -157,6 +162,6 @@ class TrainConfig:
 # Fields that may differ when a run is resumed (they do not change what was computed so far).
 # A field missing from an older checkpoint's config counts as its default (trainer._check_resume).
 RESUMABLE_CHANGES = frozenset({
-    "steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "device", "fast", "checkpoint_policy",
+    "steps", "log_every", "report_to", "eval_every", "save_every", "keep_checkpoints", "device", "fast", "checkpoint_policy",
     "memory.embedding", "memory.optimizer", "memory.activations",
 })  # fmt: skip

@@ -1,4 +1,6 @@
-"""A loss-curve PNG with no plotting dependency: lines, axes, tick labels in a 3x5 pixel font."""
+"""The loss-curve PNG: drawn with matplotlib when it is installed (`osstune[logging]`), otherwise
+with the small rasterizer below (lines, axes, tick labels in a 3x5 pixel font), so a run always
+leaves a picture of its loss."""
 
 from __future__ import annotations
 
@@ -58,8 +60,41 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
-def plot_loss(path: Path, train: list[tuple[int, float]], eval_: list[tuple[int, float]] = (), w: int = 640, h: int = 400) -> None:
+def plot_loss(path: Path, train: list[tuple[int, float]], eval_: list[tuple[int, float]] = ()) -> None:
     """Write train (blue line) and eval (orange dots) loss against step."""
+    if not train and not eval_:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError:
+        _plot_raster(path, train, eval_)
+        return
+    _plot_matplotlib(path, train, eval_)
+
+
+def _plot_matplotlib(path: Path, train, eval_) -> None:
+    # The object API with the Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], color="tab:blue", lw=1.5, label="train loss")
+    if eval_:
+        ax.plot([s for s, _ in eval_], [v for _, v in eval_], "o-", color="tab:orange", ms=5, label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean cross-entropy per trained token)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def _plot_raster(path: Path, train, eval_, w: int = 640, h: int = 400) -> None:
     cv = _Canvas(w, h)
     left, right, top, bottom = 70, w - 20, 30, h - 40
     points = list(train) + list(eval_)

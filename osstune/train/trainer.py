@@ -24,6 +24,7 @@ from osstune.train.optim import MasterAdamW, lr_at
 from osstune.train.plot import plot_loss
 from osstune.train.progress import MetricsLog, Progress
 from osstune.train.recipe import to_dict
+from osstune.train.report import Reporter, check_reporters
 
 
 class TrainError(RuntimeError):
@@ -186,6 +187,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
         saved = ckpt.load_checkpoint(previous)
         _check_resume(cfg, saved[0].config)
     _check_method(cfg)
+    check_reporters(cfg.report_to)
     data = build_data(cfg)
 
     torch.manual_seed(cfg.seed)
@@ -215,6 +217,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
             torch.cuda.set_rng_state_all(state.rng_cuda)
 
     out.mkdir(parents=True, exist_ok=True)
+    report = Reporter(cfg.report_to, out, to_dict(cfg), start_step)
     metrics = MetricsLog(out / "metrics.jsonl", resume_from_step=start_step)
     progress = Progress(cfg.steps, start_step=start_step, quiet=quiet)
     if not quiet:
@@ -279,6 +282,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
                 if device.type == "cuda":
                     record["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 metrics.write(record)
+                report.log(done, record)
                 progress.update(done, record)
             if (cfg.save_every and done % cfg.save_every == 0) or done == end:
                 last_saved = _save(cfg, ckpt_root, done, tokens_seen, model, trainable, opt, data)
@@ -289,6 +293,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
         ) from None
     finally:
         metrics.close()
+        report.close()
 
     history = metrics.read()
     plot_loss(
