@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from osstune.data.conversation import parse_row
 from osstune.data.errors import RowError
 from osstune.data.render import RenderOptions, harmony_encoding, render_prompt
+from osstune.serve.http.delta import Delta, ToolCallDelta
 from osstune.serve.http.errors import bad_request
 from osstune.serve.http.text import IncrementalText
 from osstune.serve.types import HARMONY_STOP_TOKENS
@@ -144,41 +145,6 @@ def _param_of(message: str) -> str | None:
     if not match:
         return "messages"
     return match.group(2) or match.group(1)
-
-
-@dataclass
-class ToolCallDelta:
-    index: int
-    id: str | None = None  # set on a call's first delta only
-    name: str | None = None
-    arguments: str = ""
-
-
-@dataclass
-class Delta:
-    """What one or more tokens added to a reply."""
-
-    content: str = ""
-    reasoning: str = ""
-    tool_calls: list[ToolCallDelta] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.content or self.reasoning or self.tool_calls)
-
-    def add(self, other: Delta) -> None:
-        self.content += other.content
-        self.reasoning += other.reasoning
-        for call in other.tool_calls:
-            last = self.tool_calls[-1] if self.tool_calls else None
-            if last is not None and last.index == call.index and call.id is None:
-                last.arguments += call.arguments
-            else:
-                self.tool_calls.append(ToolCallDelta(call.index, call.id, call.name, call.arguments))
-
-    def __add__(self, other: Delta) -> Delta:
-        out = Delta(self.content, self.reasoning, [ToolCallDelta(**c.__dict__) for c in self.tool_calls])
-        out.add(other)
-        return out
 
 
 class OutputParser:

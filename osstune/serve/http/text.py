@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from osstune.serve.http.delta import Delta
+
 # A character is at most 4 UTF-8 bytes, so at most 4 byte-level tokens are incomplete together;
 # past that the replacement character is real (invalid bytes) and is emitted as such.
 _MAX_HELD_TOKENS = 4
@@ -72,3 +74,21 @@ class StopStrings:
                     best = n
                     break
         return best
+
+
+class PlainParser:
+    """The parser of raw completions (/v1/completions): every token is text, nothing is harmony."""
+
+    valid = True
+    error = None
+    ended_with_call = False
+    num_reasoning_tokens = 0
+
+    def __init__(self, decode: Callable[[list[int]], str], skip: Sequence[int]) -> None:
+        self._text = IncrementalText(decode, skip)
+
+    def feed(self, token: int) -> Delta:
+        return Delta(content=self._text.feed([token]))
+
+    def finish(self, finish_reason: str) -> Delta:
+        return Delta(content=self._text.flush())
