@@ -1,6 +1,7 @@
 """The ASGI application: routes, API-key check, errors as OpenAI error objects, the web page."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request),
+# which are imported inside create_app to keep FastAPI an optional import.
 
 import asyncio
 import hmac
