@@ -4,6 +4,8 @@ HTTP app under uvicorn on a free loopback port, in a background thread."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import time
 
 import torch
@@ -15,8 +17,15 @@ from osstune.model import GptOss, init_weights
 MAX_MODEL_LEN = 512
 
 
-def base_model() -> GptOss:
+@functools.cache
+def _base() -> GptOss:
     return init_weights(GptOss(preset("tiny")), seed=0).eval()
+
+
+def base_model() -> GptOss:
+    """The tiny preset with fixed random weights, a fresh copy each time (the engine and LoRA
+    change the module they get)."""
+    return copy.deepcopy(_base())
 
 
 def write_adapter(path) -> None:

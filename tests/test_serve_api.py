@@ -87,18 +87,18 @@ def test_streaming_equals_non_streaming_with_usage(client):
 
 
 def test_n_seed_and_stop_strings(client):
-    kwargs = dict(model="tiny", messages=_user("Tell me a story."), max_tokens=8, temperature=1.0, seed=7, n=3)
+    kwargs = dict(model="tiny", messages=_user("Tell me a story."), max_tokens=5, temperature=1.0, seed=7, n=2)
     a, b = client.chat.completions.create(**kwargs), client.chat.completions.create(**kwargs)
-    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.index for c in a.choices] == [0, 1]
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
-    assert len({c.message.content for c in a.choices}) > 1  # seed + i per choice
-    assert a.usage.completion_tokens == 24
+    assert len({c.message.content for c in a.choices}) == 2  # seed + i per choice
+    assert a.usage.completion_tokens == 10
 
-    full = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0)
+    full = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0)
     text = full.choices[0].text
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     for stream in (False, True):
-        r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0, stop=[stop], stream=stream)
+        r = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, stop=[stop], stream=stream)
         pieces = list(r) if stream else [r]
         got = "".join(p.choices[0].text for p in pieces if p.choices)
         assert got == text[: text.index(stop)], stream
@@ -220,7 +220,7 @@ def test_64_concurrent_streams_some_cancelled(server):
     cancelled = {5, 17, 33, 60}
 
     async def one(i: int, stream: bool):
-        kwargs = dict(model="persona" if i % 2 else "tiny", messages=_user(f"Question number {i}?"), max_tokens=8, temperature=0)
+        kwargs = dict(model="persona" if i % 2 else "tiny", messages=_user(f"Question number {i}?"), max_tokens=5, temperature=0)
         if not stream:
             r = await client.chat.completions.create(**kwargs)
             return r.choices[0].message.content, r.choices[0].finish_reason

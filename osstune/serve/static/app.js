@@ -73,6 +73,7 @@ async function send(text) {
       body: JSON.stringify({
         model: $("model").value, messages: history, stream: true,
         reasoning_effort: $("effort").value, max_tokens: parseInt($("max-tokens").value, 10) || undefined,
+        temperature: parseFloat($("temperature").value),
       }),
     });
     if (!response.ok) throw new Error(await errorText(response));
@@ -112,8 +113,12 @@ async function send(text) {
     controller = null;
     sendButton.disabled = false; stopButton.disabled = true;
   }
-  if (finish === "harmony_parse_error") note(view, "the model's output is not valid harmony: shown as raw text");
-  if (answer) history.push({ role: "assistant", content: answer });
+  if (finish === "harmony_parse_error") {
+    // Raw text may spell out harmony's control tokens, which a message may not hold: the turn is
+    // left out of the conversation sent next time, and the page says so.
+    note(view, "the model's output is not valid harmony: shown as raw text, left out of the conversation");
+    history.pop();
+  } else if (answer) history.push({ role: "assistant", content: answer });
   else history.pop();  // nothing to keep: the next message starts from the previous turn
   view.div.dataset.finish = finish || "error";
 }
