@@ -93,6 +93,9 @@ def run_serve(args: argparse.Namespace) -> int:
           file=sys.stderr)
     try:
         server.run()  # returns after Ctrl-C once in-flight requests are done or cancelled
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the Ctrl-C it handled, after its graceful shutdown
     finally:
         engine.shutdown()
+    print("osstune serve: stopped", file=sys.stderr)
     return 0
