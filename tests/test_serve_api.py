@@ -160,6 +160,12 @@ BAD = [
     ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "stream_options": {"include_usage": True}}, None, "stream_options"),
     ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "reasoning_effort": "max"}, None, "reasoning_effort"),
     ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}}, None, "tool_choice"),
+    ("/v1/chat/completions", None, "[1, 2]", None),
+    ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "top_p": 0}, None, "top_p"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "stream": "yes"}, None, "stream"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "stop": ["a", "b", "c", "d", "e"]}, None, "stop"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, None, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": _user("a")}, None, "model"),
     ("/v1/completions", {"model": "tiny", "prompt": [1, "a"]}, None, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": [10**9]}, None, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": MAX_MODEL_LEN}, None, "max_tokens"),
@@ -214,13 +220,12 @@ def test_disconnect_frees_the_request(server):
     assert stats.generation_tokens_total < 10_000  # the 450-token request did not run to its end
 
 
-def test_64_concurrent_streams_some_cancelled(server):
-    url, ctx, _ = server
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+def _concurrent_streams(url, ctx, key, models=("tiny", "persona")):
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
     cancelled = {5, 17, 33, 60}
 
     async def one(i: int, stream: bool):
-        kwargs = dict(model="persona" if i % 2 else "tiny", messages=_user(f"Question number {i}?"), max_tokens=5, temperature=0)
+        kwargs = dict(model=models[i % len(models)], messages=_user(f"Question number {i}?"), max_tokens=5, temperature=0)
         if not stream:
             r = await client.chat.completions.create(**kwargs)
             return r.choices[0].message.content, r.choices[0].finish_reason
@@ -247,6 +252,17 @@ def test_64_concurrent_streams_some_cancelled(server):
     stats = wait_idle(ctx.engine)
     assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0
     assert ctx.metrics.in_flight == 0
+
+
+def test_64_concurrent_streams_some_cancelled(server):
+    _concurrent_streams(server[0], server[1], KEY)
+
+
+@pytest.mark.gpu
+def test_64_concurrent_streams_on_the_gpu_engine():
+    """The same through the CUDA engine (Triton kernels, CUDA graphs)."""
+    with live_server(device="cuda") as (url, ctx):
+        _concurrent_streams(url, ctx, "unused", models=("tiny",))
 
 
 def test_metrics_are_prometheus_text(server):

@@ -120,6 +120,9 @@ def create_app(ctx: ServerContext):
 
     @app.get("/health")
     async def health():
+        error = getattr(ctx.engine, "error", None)
+        if error is not None:  # the engine loop died: every request would fail
+            return JSONResponse({"status": "error", "error": error}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -73,6 +73,11 @@ class ServerContext:
                 c.close()
             self.admission.give(len(prompts))
             raise bad_request(str(e), field_names.get(e.field or "", e.field)) from None
+        except RuntimeError as e:  # the engine stopped (shutting down, or after an internal error)
+            for c in choices:
+                c.close()
+            self.admission.give(len(prompts))
+            raise ApiError(503, str(e), headers={"Retry-After": "5"}) from None
         except BaseException:
             for c in choices:
                 c.close()

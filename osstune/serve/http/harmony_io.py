@@ -76,10 +76,9 @@ def _as_training_message(message: Any, index: int) -> Any:
         return message
     out = {k: v for k, v in message.items() if v is not None}
     if out.get("role") == "assistant":
-        for alias in ("reasoning_content", "reasoning"):
+        for alias in ("reasoning_content", "reasoning"):  # both given: the first wins
             if alias in out:
                 out.setdefault("thinking", out.pop(alias))
-                out.pop(alias, None)
     allowed = {"role", "content", "name", "thinking", "tool_calls", "tool_call_id", "refusal"}
     for key in out:
         if key not in allowed:
