@@ -93,6 +93,11 @@ def test_n_seed_and_stop_strings(client):
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
     assert len({c.message.content for c in a.choices}) == 2  # seed + i per choice
     assert a.usage.completion_tokens == 10
+    texts = ["", ""]
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content for c in a.choices]  # the choices' chunks interleave, each whole
 
     full = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0)
     text = full.choices[0].text
@@ -130,12 +135,23 @@ def test_tool_choice_named_and_responses_api(client):
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
     resp = client.responses.create(model="tiny", input="Weather in Paris?", max_output_tokens=6, temperature=0)
     assert resp.output_text == plain.choices[0].message.content and resp.usage.output_tokens == 6
+    events = list(client.responses.create(model="tiny", input="Weather in Paris?", max_output_tokens=6, temperature=0, stream=True))
+    assert events[0].type == "response.created" and events[-1].type == "response.incomplete"  # max_output_tokens hit
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == resp.output_text
+    assert events[-1].response.output_text == resp.output_text and [e.sequence_number for e in events] == list(range(len(events)))
     resp = client.responses.create(
         model="tiny", input="Weather in Paris?", max_output_tokens=6, temperature=0,
         tools=[{"type": "function", **TOOLS[0]["function"]}], tool_choice={"type": "function", "name": "get_weather"},
     )
     calls = [o for o in resp.output if o.type == "function_call"]
     assert calls[0].name == "get_weather" and calls[0].arguments == call.function.arguments
+    events = list(client.responses.create(
+        model="tiny", input="Weather in Paris?", max_output_tokens=6, temperature=0, stream=True,
+        tools=[{"type": "function", **TOOLS[0]["function"]}], tool_choice={"type": "function", "name": "get_weather"},
+    ))
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    assert added[0].type == "function_call" and added[0].name == "get_weather"
+    assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == call.function.arguments
 
 
 def _post(url, path, body, key=KEY, raw=None):

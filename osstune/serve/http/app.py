@@ -13,7 +13,7 @@ from osstune.serve.http.chat import ChatReply
 from osstune.serve.http.completions import CompletionReply
 from osstune.serve.http.context import ServerContext
 from osstune.serve.http.errors import ApiError, bad_request
-from osstune.serve.http.responses import create_response
+from osstune.serve.http.responses import ResponsesReply
 
 
 def _require_fastapi():
@@ -65,9 +65,7 @@ def create_app(ctx: ServerContext):
         try:
             authorize(request)
             reply = make(ctx, await read_json(request))
-            if not isinstance(reply, (ChatReply, CompletionReply)):  # a coroutine (/v1/responses)
-                result = await _unless_disconnected(request, reply)
-            elif reply.stream:
+            if reply.stream:
                 status = 200
                 return _Streaming(reply.events(), reply.close, media_type="text/event-stream",
                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -109,7 +107,7 @@ def create_app(ctx: ServerContext):
 
     @app.post("/v1/responses")
     async def responses(request: Request):
-        return await answer(request, "responses", create_response)
+        return await answer(request, "responses", ResponsesReply)
 
     @app.get("/v1/models")
     async def models(request: Request):
