@@ -293,3 +293,33 @@ def test_metrics_are_prometheus_text(server):
     assert sum(ok) >= 1
     ttft_count = [s.value for s in families["osstune_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
     assert ttft_count[0] >= 1
+
+
+def test_mutated_requests_never_get_a_500(server):
+    """Valid requests with one value replaced by a random JSON value: a 200 or a 400, never a 500."""
+    import random
+
+    rng = random.Random(0)
+    values = [None, True, 0, -1, 1.5, 10**12, "", "x", "<|start|>", [], [1], ["a"], {}, {"a": 1}, [{"role": "user"}],
+              {"type": "function", "function": {}}, [{"type": "function", "function": {"name": 3}}], "required", "none"]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+            "tools": TOOLS, "tool_choice": "auto", "stop": ["z"], "n": 1, "temperature": 0.5, "seed": 1,
+            "reasoning_effort": "low", "stream": False}
+    completion = {"model": "tiny", "prompt": "hi", "max_tokens": 1, "n": 1, "stop": "z", "temperature": 0.5}
+    response = {"model": "tiny", "input": [{"role": "user", "content": "hi"}], "max_output_tokens": 1,
+                "instructions": "be brief", "reasoning": {"effort": "low"}, "tools": [{"type": "function", "name": "f"}]}
+    message_paths = [("messages", 0, "role"), ("messages", 0, "content"), ("messages", 0, "tool_calls")]
+    for path, base in (("/v1/chat/completions", chat), ("/v1/completions", completion), ("/v1/responses", response)):
+        for _ in range(15):
+            body = json.loads(json.dumps(base))
+            if path.endswith("chat/completions") and rng.random() < 0.3:
+                _, i, key = rng.choice(message_paths)
+                body["messages"][i][key] = rng.choice(values)
+            else:
+                body[rng.choice(sorted(body))] = rng.choice(values)
+            if body.get("max_tokens") is None and body.get("max_output_tokens") is None:
+                body["max_tokens" if "max_tokens" in base else "max_output_tokens"] = 1
+            r = _post(server[0], path, body)
+            assert r.status_code in (200, 400), (path, body, r.status_code, r.text)
+            if r.status_code == 400:
+                assert r.json()["error"]["message"]
