@@ -11,6 +11,14 @@ import typing
 from osstune.serve.config import EngineConfig
 
 
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes", "on"):
+        return True
+    if text.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
 def _engine_options(p: argparse.ArgumentParser) -> None:
     """One flag per EngineConfig field (the dataclass is the single source of truth)."""
     group = p.add_argument_group("engine options (osstune.serve.config.EngineConfig)")
@@ -19,8 +27,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         if kind is bool:
-            group.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes", "on"), metavar="true|false",
-                               default=None, help=f"default: {f.default}")
+            group.add_argument(flag, type=_boolean, metavar="true|false", default=None, help=f"default: {f.default}")
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         group.add_argument(flag, type=base, default=None, help=f"default: {f.default}")
