@@ -59,7 +59,7 @@ def test_serve_chat_url_and_ctrl_c():
                                               max_tokens=8, reasoning_effort="low")
         assert same.choices[0].message.content in out.getvalue()
 
-        body = {"model": "tiny", "messages": [{"role": "user", "content": "Go"}], "max_tokens": 200, "stream": True}
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Go"}], "max_tokens": 100, "stream": True}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}, timeout=60) as r:
             lines = r.iter_lines()
             next(lines)

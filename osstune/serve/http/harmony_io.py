@@ -28,8 +28,8 @@ from osstune.serve.http.text import IncrementalText
 from osstune.serve.types import HARMONY_STOP_TOKENS
 
 # The longest header (`<|start|>assistant<|channel|>commentary to=functions.NAME <|constrain|>json
-# <|message|>`) is about 20 tokens; a header that runs past this is not harmony.
-MAX_HEADER_TOKENS = 64
+# <|message|>`) is about 15 tokens plus the function name; one that runs past this is not harmony.
+MAX_HEADER_TOKENS = 40
 RETURN_TOKEN, CALL_TOKEN = HARMONY_STOP_TOKENS
 
 
