@@ -152,6 +152,8 @@ async def _unless_disconnected(request, work):
         watcher.cancel()
         if not task.done():
             task.cancel()
+            # Wait for the cancellation to run the work's cleanup (its engine requests aborted).
+            await asyncio.wait({task})
     if task.cancelled():
         raise ApiError(499, "the client closed the connection")
     return task.result()
