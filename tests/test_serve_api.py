@@ -258,8 +258,9 @@ def _concurrent_streams(url, ctx, key, models=("tiny", "persona")):
         return text, finish
 
     async def run():
-        streamed = await asyncio.gather(*(one(i, True) for i in range(64)))
-        reference = await asyncio.gather(*(one(i, False) for i in range(64) if i not in cancelled))
+        async with client:
+            streamed = await asyncio.gather(*(one(i, True) for i in range(64)))
+            reference = await asyncio.gather(*(one(i, False) for i in range(64) if i not in cancelled))
         return streamed, reference
 
     streamed, reference = asyncio.run(run())

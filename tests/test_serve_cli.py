@@ -71,3 +71,4 @@ def test_serve_chat_url_and_ctrl_c():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
