@@ -188,8 +188,13 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--budget", type=int, default=8192, help="max_num_batched_tokens")
     ap.add_argument("--client-procs", type=int, default=4)
+    ap.add_argument("--switch-interval", type=float,
+                    help="sys.setswitchinterval for this process (Python's default 0.005 s): how long the engine "
+                    "thread may wait for the GIL while the HTTP thread runs")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
 
     from osstune.serve.http.context import ServerContext
     from osstune.serve.http.server import BackgroundServer

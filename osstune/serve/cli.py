@@ -50,6 +50,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $OSSTUNE_API_KEY, else none)")
     p.add_argument("--max-queue", type=int, default=1024,
                    help="requests queued beyond the engine's running batch before 429 (default: %(default)s)")
+    p.add_argument("--access-log", action="store_true", help="log a line per HTTP request")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="cast the weights (default: as stored)")
     _engine_options(p)
@@ -95,7 +96,7 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     engine.start()
     ctx = ServerContext(engine, name, max_in_flight=config.max_num_seqs + args.max_queue, api_key=args.api_key)
-    server = uvicorn_server(ctx, args.host, args.port)
+    server = uvicorn_server(ctx, args.host, args.port, access_log=args.access_log)
     print(f"osstune serve: http://{args.host}:{args.port}/ (web chat), OpenAI API at http://{args.host}:{args.port}/v1",
           file=sys.stderr)
     try:

@@ -17,11 +17,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def uvicorn_server(ctx: ServerContext, host: str, port: int, log_level: str = "info"):
+def uvicorn_server(ctx: ServerContext, host: str, port: int, log_level: str = "info", access_log: bool = False):
     import uvicorn
 
     config = uvicorn.Config(
-        create_app(ctx), host=host, port=port, log_level=log_level,
+        # No access log by default: a line per request costs the event loop's time under load.
+        create_app(ctx), host=host, port=port, log_level=log_level, access_log=access_log,
         # Ctrl-C: stop accepting, give in-flight requests this long, then cancel them (their
         # cleanup aborts their engine requests), so nothing hangs.
         timeout_graceful_shutdown=5,
