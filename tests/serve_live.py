@@ -40,15 +40,15 @@ def write_adapter(path) -> None:
 
 @contextlib.contextmanager
 def live_server(adapters: dict | None = None, api_key: str | None = None, max_in_flight: int = 256, device: str = "cpu",
-                **engine):
+                dtype: torch.dtype = torch.float32, **engine):
     """Yields (url, ServerContext); the engine is shut down afterwards."""
     from osstune.serve.async_engine import AsyncEngine
     from osstune.serve.config import EngineConfig
     from osstune.serve.http.context import ServerContext
     from osstune.serve.http.server import BackgroundServer
 
-    config = EngineConfig(**{"max_model_len": MAX_MODEL_LEN, "num_kv_blocks": 1024, "max_num_seqs": 64, **engine})
-    eng = AsyncEngine.from_model(base_model().to(device), adapters=adapters, config=config, device=device)
+    config = EngineConfig(**{"max_model_len": MAX_MODEL_LEN, "num_kv_blocks": 1024, "max_num_seqs": 128, **engine})
+    eng = AsyncEngine.from_model(base_model().to(device=device, dtype=dtype), adapters=adapters, config=config, device=device)
     eng.start()
     ctx = ServerContext(eng, "tiny", max_in_flight=max_in_flight, api_key=api_key)
     try:
