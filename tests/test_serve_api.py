@@ -177,6 +177,8 @@ BAD = [
     ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "reasoning_effort": "max"}, None, "reasoning_effort"),
     ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}}, None, "tool_choice"),
     ("/v1/chat/completions", None, "[1, 2]", None),
+    ("/v1/chat/completions", None, '{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800"}]}', None),
+    ("/v1/completions", None, '{"model": "tiny", "prompt": "\\udc00"}', None),
     ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "top_p": 0}, None, "top_p"),
     ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "stream": "yes"}, None, "stream"),
     ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "stop": ["a", "b", "c", "d", "e"]}, None, "stop"),

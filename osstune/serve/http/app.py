@@ -15,6 +15,8 @@ from osstune.serve.http.context import ServerContext
 from osstune.serve.http.errors import ApiError, bad_request
 from osstune.serve.http.responses import ResponsesReply
 
+MAX_BODY_BYTES = 64 << 20  # a request larger than this is refused (413) before it is parsed
+
 
 def _require_fastapi():
     try:
@@ -54,11 +56,18 @@ def create_app(ctx: ServerContext):
 
     async def read_json(request: Request) -> Any:
         raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body has {len(raw):,} bytes; at most {MAX_BODY_BYTES:,} are accepted")
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
+            # JSON may escape unpaired UTF-16 surrogates ("\ud800"), which are no text: the tokenizers refuse them.
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
             raise bad_request(f"the request body is not valid JSON{where}: {e}") from None
+        except UnicodeEncodeError:
+            raise bad_request("the request body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff): not text") from None
+        return body
 
     async def answer(request: Request, endpoint: str, make: Any):
         status = 500
