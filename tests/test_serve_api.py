@@ -55,6 +55,9 @@ def _greedy_text(model, prompt, max_tokens):
 
 def test_models_lists_base_and_adapters(client):
     assert [m.id for m in client.models.list().data] == ["tiny", "persona"]
+    assert client.models.retrieve("persona").id == "persona"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-5")
 
 
 def test_chat_equals_greedy_generate_and_adapter_equals_merged(server, client):

@@ -118,12 +118,22 @@ def create_app(ctx: ServerContext):
     async def responses(request: Request):
         return await answer(request, "responses", ResponsesReply)
 
+    def model_card(model: str) -> dict:
+        return {"id": model, "object": "model", "created": ctx.created, "owned_by": "osstune", "root": model,
+                "parent": None if model == ctx.model_id else ctx.model_id}
+
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        data = [{"id": m, "object": "model", "created": ctx.created, "owned_by": "osstune",
-                 "root": m, "parent": None if m == ctx.model_id else ctx.model_id} for m in ctx.model_ids]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(m) for m in ctx.model_ids]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str):
+        authorize(request)
+        if model not in ctx.model_ids:
+            raise ApiError(404, f"model {model!r} is not served here; GET /v1/models lists them", "model",
+                           code="model_not_found")
+        return model_card(model)
 
     @app.get("/health")
     async def health():

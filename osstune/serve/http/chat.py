@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from osstune.serve.http.context import ServerContext
-from osstune.serve.http.errors import bad_request
+from osstune.serve.http.errors import ApiError, bad_request
 from osstune.serve.http.fields import ANY, Body
 from osstune.serve.http.generation import ChoiceUpdate, merged
 from osstune.serve.http.harmony_io import OutputParser, render_chat
@@ -72,6 +72,8 @@ class ChatReply:
                     entry = m["tool_calls"].setdefault(call.index, {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}})
                     entry["function"]["arguments"] += call.arguments
                 usage.add(u)
+                if u.finish_reason == "error":
+                    raise ApiError(500, f"the engine failed: {u.error}")
                 if u.finish_reason is not None:
                     finish[u.index] = u.finish_reason
         finally:

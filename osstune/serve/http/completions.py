@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from osstune.serve.http.context import ServerContext
-from osstune.serve.http.errors import bad_request
+from osstune.serve.http.errors import ApiError, bad_request
 from osstune.serve.http.fields import ANY, Body
 from osstune.serve.http.generation import merged
 from osstune.serve.http.sampling import sampling_params
@@ -80,6 +80,8 @@ class CompletionReply:
         texts, finish, completion = [""] * self.num_choices, [None] * self.num_choices, [0] * self.num_choices
         try:
             async for u in merged(self.choices, self.ctx.metrics, self.arrival):
+                if u.finish_reason == "error":
+                    raise ApiError(500, f"the engine failed: {u.error}")
                 texts[u.index] += u.delta.content
                 completion[u.index] = u.completion_tokens
                 finish[u.index] = u.finish_reason or finish[u.index]
