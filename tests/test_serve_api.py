@@ -183,6 +183,8 @@ BAD = [
     ("/v1/chat/completions", None, '{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800"}]}', None),
     ("/v1/completions", None, '{"model": "tiny", "prompt": "\\udc00"}', None),
     ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "top_p": 0}, None, "top_p"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "max_tokens": 2, "max_completion_tokens": 2}, None, "max_tokens"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "stream": True, "stream_options": {"include_usage": "y"}}, None, "stream_options"),
     ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "stream": "yes"}, None, "stream"),
     ("/v1/chat/completions", {"model": "tiny", "messages": _user("a"), "stop": ["a", "b", "c", "d", "e"]}, None, "stop"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, None, "messages[0].content"),

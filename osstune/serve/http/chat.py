@@ -31,13 +31,15 @@ class ChatReply:
         self.model = body.string("model")
         adapter = ctx.adapter_for(self.model)
         prompt = render_chat(body.get("messages"), body.get("tools"), body.get("tool_choice"), body.get("reasoning_effort"))
+        if body.has("max_completion_tokens") and body.has("max_tokens"):
+            raise bad_request("give max_completion_tokens or max_tokens (its older name), not both", "max_tokens")
         limit_name = "max_completion_tokens" if body.has("max_completion_tokens") else "max_tokens"
         max_tokens = body.integer(limit_name, None, 1)
         body.used.update(("max_tokens", "max_completion_tokens"))
         self.n = body.integer("n", 1, 1, 16)
         self.stream = body.boolean("stream")
         options = body.get("stream_options", {})
-        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        if not isinstance(options, dict) or set(options) - {"include_usage"} or not isinstance(options.get("include_usage", False), bool):
             raise bad_request("'stream_options' must be {\"include_usage\": true|false}", "stream_options")
         if options and not self.stream:
             raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")

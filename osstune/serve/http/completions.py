@@ -47,7 +47,8 @@ class CompletionReply:
         self.n = body.integer("n", 1, 1, 16)
         self.stream = body.boolean("stream")
         options = body.get("stream_options", {})
-        if not isinstance(options, dict) or set(options) - {"include_usage"} or (options and not self.stream):
+        if (not isinstance(options, dict) or set(options) - {"include_usage"} or (options and not self.stream)
+                or not isinstance(options.get("include_usage", False), bool)):
             raise bad_request("'stream_options' must be {\"include_usage\": true|false}, with stream=true", "stream_options")
         self.include_usage = bool(options.get("include_usage", False))
         stops = body.stop()
