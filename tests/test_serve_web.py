@@ -13,7 +13,7 @@ pytest.importorskip("fastapi")
 webdriver = pytest.importorskip("selenium.webdriver")
 openai = pytest.importorskip("openai")
 
-from tests.serve_live import live_server, wait_idle  # noqa: E402
+from tests.serve_live import live_server, scripted_model, wait_idle  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")
@@ -25,19 +25,24 @@ KEY = "page-key"
 
 
 @pytest.fixture(scope="module")
-def browser_and_server():
+def driver():
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"):
         options.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(DRIVER), options=options)
+    try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+@pytest.fixture
+def browser_and_server(driver):
     with live_server(api_key=KEY) as (url, ctx):
-        driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-        try:
-            yield driver, url, ctx
-        finally:
-            driver.quit()
+        yield driver, url, ctx
 
 
 def _wait(driver, condition, timeout=60.0, every=0.05):
@@ -98,3 +103,29 @@ def test_typing_a_message_streams_the_answer_and_stop_ends_it(browser_and_server
     assert second.get_attribute("data-finish") == "stopped"
     stats = wait_idle(ctx.engine)
     assert stats.kv_blocks_used == 0 and stats.num_running == 0 and ctx.metrics.in_flight == 0
+
+
+def test_reasoning_is_shown_folded(driver):
+    """A scripted model that writes analysis messages (see test_serve_tool_calls.py)."""
+    from openai_harmony import Role
+    from selenium.webdriver.common.keys import Keys
+
+    from osstune.data.render import harmony_encoding
+
+    enc = harmony_encoding()
+    cycle = enc.encode("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant", allowed_special="all")
+    with live_server(model=scripted_model([cycle[-1], *cycle])) as (url, ctx):
+        driver.get(url + "/")
+        _wait(driver, lambda: driver.find_elements("css selector", "#model option"))
+        _set(driver, "max-tokens", 2 * len(cycle) - 2)  # two analysis messages
+        box = driver.find_element("id", "input")
+        box.send_keys("Weather?")
+        box.send_keys(Keys.ENTER)
+        answer = driver.find_elements("css selector", ".msg.assistant")[-1]
+        _wait(driver, lambda: answer.get_attribute("data-finish"))
+        details = answer.find_element("css selector", "details")
+        shown = details.find_element("css selector", "div").get_attribute("textContent")
+    messages = enc.parse_messages_from_completion_tokens((cycle * 2)[: 2 * len(cycle) - 2], Role.ASSISTANT)
+    assert shown == "\n".join(m.content[0].text for m in messages)
+    assert details.is_displayed() and details.get_attribute("open") is None  # there, and folded
+    assert answer.get_attribute("data-finish") == "length"
