@@ -64,7 +64,10 @@ def test_serve_chat_url_and_ctrl_c():
             lines = r.iter_lines()
             next(lines)
             proc.send_signal(signal.SIGINT)  # Ctrl-C with a request in flight
-            list(lines)  # the stream ends (finished or cancelled), it does not hang
+            try:
+                list(lines)  # the stream ends: finished within the 5 s of grace, or cut when they are over
+            except httpx.RemoteProtocolError:
+                pass  # cut: the server cancelled it (and aborted its engine request)
         assert proc.wait(timeout=30) == 0
         assert "osstune serve: stopped" in proc.stdout.read()
     finally:
