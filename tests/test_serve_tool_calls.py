@@ -52,6 +52,18 @@ def test_tool_call_fields_equal_harmonys_parse(served):
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
 
 
+def test_named_tool_choice_continues_after_the_prefilled_header(served):
+    client, _, reply = served
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=40, temperature=0)
+    [call] = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    # The header was the prompt's: the model wrote only the arguments and <|call|>.
+    header = harmony_encoding().encode(REPLY[: REPLY.index("{")], allowed_special="all")
+    assert r.usage.completion_tokens == len(reply) - len(header)
+
+
 def test_tool_result_round_trip_and_responses(served):
     client, ctx, _ = served
     first = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=40, temperature=0)
