@@ -24,7 +24,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
