@@ -16,6 +16,7 @@ _COMMANDS = (
     ("osstune.train.cli", "add_commands"),
     ("osstune.infer.cli", "add_commands"),
     ("osstune.infer.batch", "add_command"),
+    ("osstune.serve.cli", "add_command"),
     ("osstune.export", "add_command"),
     ("osstune.plan.cli", "add_command"),
 )

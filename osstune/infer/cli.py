@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -22,7 +23,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="chat with a model in the harmony format",
         description="Chat with a gpt-oss model. Without --prompt, reads one message per line from stdin. " + _HELP,
     )
-    p.add_argument("--model", required=True, help="checkpoint directory, Hugging Face id or preset name (e.g. tiny)")
+    p.add_argument("--model", help="checkpoint directory, Hugging Face id or preset name (e.g. tiny); with --url: "
+                   "the served model id (default: the first one the server lists)")
+    p.add_argument("--url", help="talk to a running server (osstune serve, or any OpenAI-compatible one) instead, "
+                   "e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=os.environ.get("OSSTUNE_API_KEY"), help="with --url (default: $OSSTUNE_API_KEY)")
     p.add_argument("--adapter", help="LoRA adapter directory to apply on top of the model")
     p.add_argument("--prompt", help="send this one message, print the answer and exit")
     p.add_argument("--instructions", help="developer instructions (the developer message of harmony)")
@@ -44,11 +49,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    import torch
-
-    from osstune.infer.chat import ChatSession, chat_engine
-    from osstune.serve.engine import load_for_serving
-
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     sampling = SamplingOptions(
@@ -58,6 +58,29 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
         top_k=args.top_k,
         seed=args.seed,
     )
+    if getattr(args, "url", None):
+        from osstune.infer.remote import RemoteChatSession
+
+        for flag in ("adapter", "device", "dtype"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag} is for a local model; with --url the server decides (pick an adapter with --model NAME)")
+        session = RemoteChatSession(
+            args.url, model=args.model, api_key=args.api_key, reasoning_effort=args.reasoning_effort,
+            developer_instructions=args.instructions, sampling=sampling,
+        )
+        print(f"talking to {session.model} at {session.base}", file=sys.stderr)
+        return _converse(session, args, stdin, stdout)
+    if not args.model:
+        raise ValueError("give --model (a local model) or --url (a running server)")
+    return _run_local(args, sampling, stdin, stdout)
+
+
+def _run_local(args: argparse.Namespace, sampling: SamplingOptions, stdin: TextIO, stdout: TextIO) -> int:
+    import torch
+
+    from osstune.infer.chat import ChatSession, chat_engine
+    from osstune.serve.engine import load_for_serving
+
     if args.adapter and not Path(args.adapter).is_dir():
         # Checked before loading the model, which can take minutes.
         raise ValueError(f"{args.adapter}: adapter directory not found (--adapter)")
@@ -77,6 +100,10 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
         sampling=sampling,
         adapter="adapter" if args.adapter else None,
     )
+    return _converse(session, args, stdin, stdout)
+
+
+def _converse(session, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     if args.prompt is not None:
         _turn(session, args.prompt, args.show_reasoning, stdout)
         return 0

@@ -1,0 +1,77 @@
+"""`osstune serve` as a user starts it (a subprocess on a free loopback port), `osstune chat --url`
+against it, and Ctrl-C (SIGINT) stopping it cleanly with a request in flight."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from osstune.cli import build_parser  # noqa: E402
+from osstune.serve.cli import parse_adapters  # noqa: E402
+from osstune.serve.http.server import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_adapter_flags_are_checked(tmp_path):
+    assert parse_adapters([f"a={tmp_path}"]) == {"a": str(tmp_path)}
+    for bad in ("nopath", f"a={tmp_path / 'missing'}", "=x"):
+        with pytest.raises(ValueError, match="--adapter"):
+            parse_adapters([bad])
+
+
+def test_serve_chat_url_and_ctrl_c():
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    command = [sys.executable, "-m", "osstune.cli", "serve", "--model", "tiny", "--port", str(port), "--api-key", "k",
+               "--device", "cpu", "--max-model-len", "256", "--num-kv-blocks", "128", "--max-num-seqs", "8"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "osstune serve did not come up"
+            time.sleep(0.2)
+
+        args = build_parser().parse_args(["chat", "--url", url, "--api-key", "k", "--prompt", "Hi!", "--temperature", "0",
+                                          "--max-new-tokens", "8", "--reasoning-effort", "low"])
+        out = io.StringIO()
+        assert args.func(args, stdout=out) == 0
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        same = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi!"}], temperature=0,
+                                              max_tokens=8, reasoning_effort="low")
+        assert same.choices[0].message.content in out.getvalue()
+
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Go"}], "max_tokens": 100, "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            proc.send_signal(signal.SIGINT)  # Ctrl-C with a request in flight
+            try:
+                list(lines)  # the stream ends: finished within the 5 s of grace, or cut when they are over
+            except httpx.RemoteProtocolError:
+                pass  # cut: the server cancelled it (and aborted its engine request)
+        assert proc.wait(timeout=30) == 0
+        assert "osstune serve: stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
