@@ -248,3 +248,32 @@ def test_kernel_path_equals_generate_under_the_interpreter(model):
                            for i, q in enumerate(p)]})
     for i, q in enumerate(p):
         assert got[f"r{i}"] == reference(model, q, 3)
+
+
+def test_a_reader_whose_event_loop_closed_does_not_stop_the_engine(model):
+    eng = AsyncEngine(LLMEngine(model, EngineConfig(block_size=8, num_kv_blocks=64), log=lambda s: None))
+    eng.start()
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_stop=True)
+
+    async def leave():  # adds a request and returns: its loop closes with the request still running
+        eng.add_request([1, 2, 3], params)
+
+    asyncio.run(leave())
+
+    async def after():
+        toks = []
+        async for out in eng.add_request([4, 5, 6], GREEDY):
+            toks += out.new_token_ids
+        return toks
+
+    try:
+        assert len(asyncio.run(asyncio.wait_for(after(), 120))) == 6  # a dead engine thread would hang here
+        for _ in range(100):
+            if eng.stats().kv_blocks_used == 0 and eng.stats().num_running == 0:
+                break
+            import time
+
+            time.sleep(0.05)
+        assert eng.stats().kv_blocks_used == 0 and eng.error is None
+    finally:
+        eng.shutdown()

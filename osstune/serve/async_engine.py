@@ -151,7 +151,13 @@ class AsyncEngine:
                     del self._streams[out.request_id]
                 targets.append((stream, out))
         for stream, out in targets:
-            stream._loop.call_soon_threadsafe(stream._put, out)
+            try:
+                stream._loop.call_soon_threadsafe(stream._put, out)
+            except RuntimeError:  # the reader's event loop is closed: nobody will read, free its blocks
+                if not out.finished:
+                    with self._lock:
+                        self._aborts.append(out.request_id)
+                        self._streams.pop(out.request_id, None)
 
     def _loop(self) -> None:
         eng = self.engine
