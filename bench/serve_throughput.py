@@ -61,32 +61,12 @@ def _model(preset: str):
     codes with scales near 2**-6 (weights of the same magnitude)."""
     import torch
 
+    from osstune.checkpoint.random_init import random_model_on
     from osstune.config import PRESETS
-    from osstune.model import GptOss, Rotary
 
     t0 = time.perf_counter()
-    cfg = PRESETS[preset].replace(expert_format="mxfp4")
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("meta"):
-        model = GptOss(cfg)
-    torch.set_default_dtype(torch.float32)
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: checking the script on tiny
-    model.to_empty(device=dev)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias") and "router" not in name:
-                p.zero_()
-            else:
-                p.normal_(0.0, cfg.initializer_range, generator=gen)
-        for name, b in model.named_buffers():
-            if name.endswith("_blocks"):
-                b.copy_(torch.randint(0, 256, b.shape, generator=gen, device=dev, dtype=torch.uint8))
-            elif name.endswith("_scales"):
-                b.copy_(torch.randint(118, 125, b.shape, generator=gen, device=dev, dtype=torch.uint8))
-    model.model.rotary = Rotary(cfg).to(dev)
+    model = random_model_on(PRESETS[preset].replace(expert_format="mxfp4"), dev)
     _sync()
     log(f"{preset} built on the GPU in {time.perf_counter() - t0:.1f} s")
     return model.eval(), time.perf_counter() - t0

@@ -78,31 +78,12 @@ def build_ours(preset: str, targets: str, policy: str, device: str, method: str 
     from osstune.config import PRESETS
     from osstune.fast import FastPathOptions, enable_fast_path
     from osstune.lora import LoraConfig, apply_lora
-    from osstune.model import GptOss, Rotary
+    from osstune.checkpoint.random_init import random_model_on
 
     cfg = PRESETS[preset]
     if method == "qlora":
         cfg = cfg.replace(expert_format="mxfp4")
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("meta"):
-        model = GptOss(cfg)
-    torch.set_default_dtype(torch.float32)
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():  # transformers' GptOss init: normal(0, 0.02), zero biases, unit norms
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias") and "router" not in name:
-                p.zero_()
-            else:
-                p.normal_(0.0, cfg.initializer_range, generator=gen)
-        for name, b in model.named_buffers():  # packed MXFP4 experts (qlora): random codes, scales near 2**-6
-            if name.endswith("_blocks"):
-                b.copy_(torch.randint(0, 256, b.shape, generator=gen, device=device, dtype=torch.uint8))
-            elif name.endswith("_scales"):
-                b.copy_(torch.randint(118, 125, b.shape, generator=gen, device=device, dtype=torch.uint8))
-    model.model.rotary = Rotary(cfg).to(device)  # a non-persistent buffer: computed, not initialised
+    model = random_model_on(cfg, device)
     memory = memory or {}
     if memory.get("attention") == "mxfp4":  # as the trainer does it: before LoRA wraps the projections
         if method != "qlora":

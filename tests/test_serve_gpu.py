@@ -67,23 +67,10 @@ def test_adapters_per_request_on_the_kernel_path(tmp_path):
 def test_bf16_real_shapes_logits_match_the_reference_model():
     """Four layers at gpt-oss-20b's shapes, MXFP4 experts, bf16: the engine's prefill and graphed
     decode logits against the reference model's full forward over the same tokens."""
-    from osstune.model import Rotary
+    from osstune.checkpoint.random_init import random_model_on
 
     cfg = preset("gpt-oss-20b").replace(num_hidden_layers=4, expert_format="mxfp4")
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("meta"):
-        model = GptOss(cfg)
-    torch.set_default_dtype(torch.float32)
-    model.to_empty(device="cuda")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for name, p in model.named_parameters():
-        p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
-    for name, b in model.named_buffers():
-        if name.endswith("_blocks"):
-            b.copy_(torch.randint(0, 256, b.shape, generator=gen, device="cuda", dtype=torch.uint8))
-        elif name.endswith("_scales"):
-            b.copy_(torch.randint(118, 125, b.shape, generator=gen, device="cuda", dtype=torch.uint8))
-    model.model.rotary = Rotary(cfg).to("cuda")
+    model = random_model_on(cfg, "cuda")
     model.eval()
     eng = LLMEngine(model, EngineConfig(num_kv_blocks=512, cuda_graph_max_batch=4), log=lambda s: None)
     prompt = _prompts((300,), seed=2)[0]

@@ -49,3 +49,39 @@ class RandomSource:
             return torch.ones(spec.shape, dtype=DTYPE, device=self.device)
         gen = torch.Generator(self.device).manual_seed(tensor_seed(self.seed, name))
         return torch.empty(spec.shape, dtype=DTYPE, device=self.device).normal_(0.0, self.std, generator=gen)
+
+
+@torch.no_grad()
+def random_model_on(cfg: ModelConfig, device: torch.device | str, seed: int = 0):
+    """A GptOss of `cfg`'s shape built straight on `device` (the meta device first, no host copy)
+    with random weights drawn there: seconds for gpt-oss-20b on a GPU, for benchmarks and GPU tests
+    whose results do not depend on the values. bf16 matrices normal(0, initializer_range), zero
+    biases except the router's, unit norms, as transformers' GptOss init; packed MXFP4 experts as
+    uniformly random codes with scale bytes 118-124 (weights of about the same magnitude). Unlike
+    `RandomSource` the values depend on the device's generator, not on the tensor names."""
+    from osstune.model import GptOss, Rotary
+
+    device = torch.device(device)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = GptOss(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith("bias") and "router" not in name:
+            p.zero_()
+        else:
+            p.normal_(0.0, cfg.initializer_range, generator=gen)
+    for name, b in model.named_buffers():
+        if name.endswith("_blocks"):
+            b.copy_(torch.randint(0, 256, b.shape, generator=gen, device=device, dtype=torch.uint8))
+        elif name.endswith("_scales"):
+            b.copy_(torch.randint(118, 125, b.shape, generator=gen, device=device, dtype=torch.uint8))
+    model.model.rotary = Rotary(cfg).to(device)  # a non-persistent buffer: computed, not initialised
+    return model
