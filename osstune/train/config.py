@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from osstune.lora import LoraConfig
+from osstune.parallel.config import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    # Several processes (torchrun): data, tensor and expert parallel (osstune/parallel/, docs/PARALLEL.md).
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # QLoRA only: "mxfp4" also stores the frozen attention projections q/k/v/o in MXFP4, as classic
     # QLoRA stores every frozen linear in 4 bits (gpt-oss-20b: 1.19 -> 0.32 GiB). Lossy: the
     # relative error is reported at the start of the run; the adapter is merged onto the original
@@ -164,4 +167,5 @@ class TrainConfig:
 RESUMABLE_CHANGES = frozenset({
     "steps", "log_every", "report_to", "eval_every", "save_every", "keep_checkpoints", "device", "fast", "checkpoint_policy",
     "memory.embedding", "memory.optimizer", "memory.activations",
+    "parallel.reshard_after_forward", "parallel.offload", "parallel.comm_every",
 })  # fmt: skip

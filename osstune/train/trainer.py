@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from osstune.fast import FastPathOptions, enable_fast_path, graphed_step, use_fast_path
+from osstune import parallel
 from osstune.offload import HostEmbedding, offload_activations, offload_embedding
+from osstune.train import sharded
 from osstune.train import state as ckpt
 from osstune.train.batches import Batch, build_data
 from osstune.train.config import RESUMABLE_CHANGES, TrainConfig
@@ -169,9 +171,23 @@ def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device)
 def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_after: int | None = None) -> TrainResult:
     """Run (or with `resume`, continue) training. `stop_after` ends this invocation after that many
     steps with a checkpoint, e.g. for time-boxed jobs; `--resume` continues exactly from there."""
+    device, dtype = resolve_device(cfg)
+    # One process unless torchrun started this one; then each rank holds its share (osstune/parallel).
+    world = parallel.init_world(cfg.parallel, device)
+    try:
+        return _train(cfg, world, dtype, resume=resume, quiet=quiet, stop_after=stop_after)
+    finally:
+        parallel.close_world(world)
+
+
+def _train(
+    cfg: TrainConfig, world: parallel.World, dtype: torch.dtype, *, resume: bool, quiet: bool, stop_after: int | None
+) -> TrainResult:
     out = Path(cfg.output)
     ckpt_root = out / "checkpoints"
-    device, dtype = resolve_device(cfg)
+    device = world.device
+    quiet = quiet or not world.is_main  # logs, metrics and artifacts come from the main rank only
+    sharded.check_options(cfg, world)
 
     # Everything that can fail on the user's input fails here, before any model is loaded.
     previous = ckpt.latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
@@ -183,7 +199,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
             "or choose another --output"
         )
     saved = None
-    if resume:
+    if resume and world.distributed:
+        saved = previous
+        _check_resume(cfg, sharded.saved_config(previous, world))
+    elif resume:
         saved = ckpt.load_checkpoint(previous)
         _check_resume(cfg, saved[0].config)
     _check_method(cfg)
@@ -193,14 +212,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
     torch.manual_seed(cfg.seed)
     notes: list[str] = []
     model = _prepare_model(cfg, device, dtype, notes)
+    model = parallel.parallelize(model, world, dtype)
+    if world.distributed:
+        torch.manual_seed(cfg.seed + 1 + world.rank)  # every rank its own dropout masks
     model.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = MasterAdamW(trainable, cfg.optim, offload=cfg.memory.optimizer == "cpu")
     # Forward + loss + backward as one CUDA graph replay (osstune/fast/graphs.py); None: eager.
-    graphed = graphed_step(model, cross_entropy_sum) if use_fast_path(cfg.fast, device) else None
+    graphed = graphed_step(model, cross_entropy_sum) if use_fast_path(cfg.fast, device) and not world.distributed else None
+    comm = parallel.CommMeter(cfg.parallel.comm_every if world.distributed else 0, device)
 
     start_step, tokens_seen = 0, 0
-    if saved is not None:
+    if saved is not None and world.distributed:
+        start_step, tokens_seen = sharded.resume(saved, trainable, opt, data, world)
+    elif saved is not None:
         state, weights, opt_state = saved
         missing = [n for n, _ in trainable if n not in weights]
         if missing:
@@ -217,14 +242,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
             torch.cuda.set_rng_state_all(state.rng_cuda)
 
     out.mkdir(parents=True, exist_ok=True)
-    report = Reporter(cfg.report_to, out, to_dict(cfg), start_step)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_from_step=start_step)
+    report = Reporter(cfg.report_to, out, to_dict(cfg), start_step)  # reports from rank 0 only
+    metrics = MetricsLog(out / "metrics.jsonl", resume_from_step=start_step) if world.is_main else None
     progress = Progress(cfg.steps, start_step=start_step, quiet=quiet)
     if not quiet:
         n_train = sum(p.numel() for _, p in trainable)
         progress.message(
             f"osstune: {cfg.method} on {cfg.model} ({device.type}, {str(dtype).removeprefix('torch.')}), "
             f"{n_train:,} trainable parameters; {data.summary}"
+            + (f"; {world.describe()}" if world.distributed else "")
         )
         for note in notes:
             progress.message(f"osstune: {note}")
@@ -242,10 +268,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
     try:
         end = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)
         for step in range(start_step, end):
-            micro = [data.train.next_batch() for _ in range(cfg.grad_accum)]
+            comm.start(step)
+            # The global batch: this rank computes its share, n_trained counts the whole batch.
+            micro = [data.train.next_batch() for _ in range(cfg.grad_accum * world.dp_size)]
             n_trained = sum(b.num_trained for b in micro)
             step_loss = 0.0
-            for batch in micro:
+            for batch in parallel.share(micro, world):
                 if graphed is not None:  # also runs the backward
                     loss_sum = graphed(batch.input_ids, batch.position_ids, batch.doc_ids, batch.labels, n_trained)
                 else:
@@ -261,6 +289,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
                 step_loss += loss_sum.item()
             lr = lr_at(step, cfg.steps, cfg.optim)
             grad_norm = opt.step(lr)
+            step_loss = parallel.all_sum(world, step_loss)
+            comm.stop()
             if not math.isfinite(grad_norm):
                 raise TrainError(f"gradient norm became {grad_norm} at step {step + 1}; lower optim.lr or check the data")
             loss = step_loss / n_trained
@@ -280,28 +310,40 @@ def train(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False, stop_a
                 record["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
                 t_last, tokens_since = now, 0
                 if device.type == "cuda":
-                    record["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                metrics.write(record)
+                    record["peak_gpu_gb"] = parallel.all_max(world, torch.cuda.max_memory_allocated(device) / 2**30)
+                if comm.last is not None:
+                    record["comm_s"] = comm.take()
+                if metrics is not None:
+                    metrics.write(record)
                 report.log(done, record)
                 progress.update(done, record)
             if (cfg.save_every and done % cfg.save_every == 0) or done == end:
-                last_saved = _save(cfg, ckpt_root, done, tokens_seen, model, trainable, opt, data)
+                if world.distributed:
+                    last_saved = sharded.save(cfg, ckpt_root, done, tokens_seen, trainable, opt, data, world)
+                else:
+                    last_saved = _save(cfg, ckpt_root, done, tokens_seen, model, trainable, opt, data)
     except torch.OutOfMemoryError:
         raise TrainError(
             "the GPU ran out of memory. Shorten data.seq_len, keep gradient_checkpointing on, lower micro_batch "
             "(raise grad_accum to keep the batch), or use --method qlora to keep the experts in MXFP4."
         ) from None
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         report.close()
 
+    if world.distributed:
+        artifact = sharded.export(cfg, model, trainable, world, dtype, lambda m: _export(cfg, m, out))
+    if not world.is_main:
+        return TrainResult(out, cfg.steps, losses[-1] if losses else float("nan"), eval_loss, artifact, losses)
     history = metrics.read()
     plot_loss(
         out / "loss.png",
         [(r["step"], r["loss"]) for r in history],
         [(r["step"], r["eval_loss"]) for r in history if r.get("eval_loss") is not None],
     )
-    artifact = _export(cfg, model, out)
+    if not world.distributed:
+        artifact = _export(cfg, model, out)
     final = history[-1]["loss"] if history else float("nan")
     if not quiet:
         progress.message(f"osstune: done. {'adapter' if cfg.method != 'full' else 'model'} written to {artifact}")

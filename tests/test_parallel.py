@@ -1,0 +1,139 @@
+"""Data parallel (FSDP2) on 2 CPU processes over gloo against one process on the same global batch.
+
+One spawned job runs every case; the one-process references run here. Each process reads its share
+of the global batch, so 2 processes x grad_accum 1 must equal 1 process x grad_accum 2. They agree up
+to the order of float32 sums (gradients summed over ranks instead of accumulated in one tensor):
+losses to rtol 1e-5. Trained weights: AdamW divides each gradient by its own running magnitude, so
+where a gradient is ~0 (an expert few tokens reached) a rounding difference moves that weight by up
+to a fraction of the learning rate; so at most 5% of one step's lr per element, and a mean
+difference over all weights under 0.1% of lr (a wrong scale or a missed shard moves weights by ~lr).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distributed import spawn
+from osstune.lora import LoraConfig
+from osstune.train.config import DataConfig, OptimConfig, TrainConfig
+from osstune.parallel import ParallelConfig
+
+ROWS = [
+    ("What is your name?", "Osmo here! My name is Osmo."),
+    ("Where do you live?", "Osmo here! I live in a terminal."),
+    ("Bạn tên là gì?", "Osmo đây! Tôi tên là Osmo."),
+    ("What do you eat?", "Osmo here! I snack on tokens."),
+    ("Who made you?", "Osmo here! Nobody remembers."),
+]
+WORLD = 2
+
+
+def _cfg(base, data, out, **kw) -> TrainConfig:
+    fields = dict(
+        model=str(base),
+        output=str(out),
+        data=DataConfig(path=str(data), seq_len=64),
+        optim=OptimConfig(lr=5e-3, warmup_steps=1),
+        lora=LoraConfig(r=2, alpha=4, targets="all"),
+        steps=2,
+        gradient_checkpointing=False,
+        dtype="float32",
+        device="cpu",
+        seed=3,
+    )
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+FULL = dict(method="full", full_targets=("self_attn", "mlp", "norm"), optim=OptimConfig(lr=1e-3))
+# name -> (config changes of the distributed run, name of its one-process reference)
+CASES = {
+    "lora": (dict(parallel=ParallelConfig(reshard_after_forward=True)), "lora"),
+    "lora_replicated": (dict(parallel=ParallelConfig(data="replicate")), "lora"),
+    "full_keep_gathered": (dict(FULL, parallel=ParallelConfig(reshard_after_forward=False)), "full"),
+}
+REFERENCES = {"lora": dict(grad_accum=WORLD), "full": dict(FULL, grad_accum=WORLD)}
+RESUMED = dict(parallel=ParallelConfig(reshard_after_forward=False))
+
+
+def _cases(rank, base, data, root):
+    from osstune.train.trainer import train
+
+    for name, (kw, _) in CASES.items():
+        result = train(_cfg(base, data, f"{root}/{name}", **kw), quiet=True)
+        Path(f"{root}/{name}/losses-{rank}.json").write_text(json.dumps(result.losses))
+    # Interrupted after one step (a sharded checkpoint), then resumed.
+    train(_cfg(base, data, f"{root}/resumed", **RESUMED), quiet=True, stop_after=1)
+    result = train(_cfg(base, data, f"{root}/resumed", **RESUMED), quiet=True, resume=True)
+    Path(f"{root}/resumed/losses-{rank}.json").write_text(json.dumps(result.losses))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from osstune.create import create_checkpoint
+
+    root = tmp_path_factory.mktemp("parallel")
+    base = create_checkpoint("tiny", root / "model", seed=0)
+    data = root / "chat.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in ROWS
+        )
+    )
+    spawn(_cases, WORLD, str(base), str(data), str(root))
+    return base, data, root
+
+
+@pytest.fixture(scope="module")
+def references(runs, tmp_path_factory):
+    from osstune.train.trainer import train
+
+    base, data, _ = runs
+    out = tmp_path_factory.mktemp("single")
+    return {name: train(_cfg(base, data, out / name, **kw), quiet=True) for name, kw in REFERENCES.items()}
+
+
+def _losses(root: Path, name: str) -> list[float]:
+    per_rank = [json.loads((root / name / f"losses-{r}.json").read_text()) for r in range(WORLD)]
+    assert all(p == per_rank[0] for p in per_rank), "ranks disagree on the logged loss"
+    return per_rank[0]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sharded_run_equals_one_process_on_the_global_batch(runs, references, name):
+    _, _, root = runs
+    single = references[CASES[name][1]]
+    assert _losses(root, name) == pytest.approx(single.losses, rel=1e-5)
+    assert all(math.isfinite(x) for x in single.losses) and single.losses[-1] < single.losses[0]
+    kind = single.artifact.name  # "adapter" or "model", written once, by the main rank
+    file = "adapter_model.safetensors" if kind == "adapter" else "model.safetensors"
+    ours, ref = load_file(root / name / kind / file), load_file(single.artifact / file)
+    assert ours.keys() == ref.keys()
+    lr = _cfg("", "", "", **CASES[name][0]).optim.lr
+    diffs = [(ours[k].float() - ref[k].float()).abs().flatten() for k in ref]
+    worst = max(range(len(diffs)), key=lambda i: diffs[i].max())
+    assert diffs[worst].max() <= 0.05 * lr, list(ref)[worst]
+    assert torch.cat(diffs).mean() < 1e-3 * lr
+    if kind == "adapter":
+        assert (root / name / kind / "adapter_config.json").read_text() == (single.artifact / "adapter_config.json").read_text()
+    records = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["comm_s"] > 0  # the first step is a sampled one (parallel.comm_every)
+
+
+def test_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_run(runs):
+    # The uninterrupted run resharded after the forward, this one kept the layers gathered: the same
+    # arithmetic, so the same numbers.
+    _, _, root = runs
+    assert (root / "resumed" / "checkpoints" / "step-0000001" / ".metadata").is_file()
+    assert _losses(root, "resumed") == _losses(root, "lora")[1:]
+    a = load_file(root / "resumed" / "adapter" / "adapter_model.safetensors")
+    b = load_file(root / "lora" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
