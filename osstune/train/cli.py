@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
@@ -58,6 +59,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="use at most SIZE of the GPU (e.g. 24GB): check a smaller card's fit on a bigger one")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe as YAML and exit")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--nproc", type=int, help="train in N processes on this machine (one per GPU), started with torchrun")
     p.set_defaults(func=run_train)
 
 
@@ -115,8 +117,18 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
     if not cfg.data.path:
         raise ValueError("no training data: pass --data FILE (or data.path in the recipe)")
+    from osstune.parallel import launched
+
+    if args.nproc and args.nproc > 1 and not launched():
+        from osstune.parallel.launch import launch_train
+
+        flags = ["--resume"] * args.resume + ["--quiet"] * args.quiet
+        flags += ["--stop-after", str(args.stop_after)] if args.stop_after is not None else []
+        return launch_train(args.nproc, to_dict(cfg), flags)
     from osstune.train.trainer import train
 
     result = train(cfg, resume=args.resume, quiet=args.quiet, stop_after=args.stop_after)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # the main process reports
     print(f"final loss {result.final_loss:.4f}; {'adapter' if cfg.method != 'full' else 'model'}: {result.artifact}")
     return 0
