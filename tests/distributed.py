@@ -36,3 +36,57 @@ def _entry(rank: int, fn, world: int, port: int, args: tuple) -> None:
 
 def spawn(fn, world: int, *args) -> None:
     mp.start_processes(_entry, args=(fn, world, free_port(), args), nprocs=world, start_method="spawn", join=True)
+
+
+ROWS = [
+    ("What is your name?", "Osmo here! My name is Osmo."),
+    ("Where do you live?", "Osmo here! I live in a terminal."),
+    ("Bạn tên là gì?", "Osmo đây! Tôi tên là Osmo."),
+    ("What do you eat?", "Osmo here! I snack on tokens."),
+    ("Who made you?", "Osmo here! Nobody remembers."),
+]
+
+
+def write_rows(path) -> None:
+    import json
+
+    path.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in ROWS
+        )
+    )
+
+
+def train_config(base, data, out, **kw):
+    """Two steps of the tiny model on 64-token sequences, float32 on the CPU."""
+    from osstune.lora import LoraConfig
+    from osstune.train.config import DataConfig, OptimConfig, TrainConfig
+
+    fields = dict(
+        model=str(base),
+        output=str(out),
+        data=DataConfig(path=str(data), seq_len=64),
+        optim=OptimConfig(lr=5e-3, warmup_steps=1),
+        lora=LoraConfig(r=2, alpha=4, targets="all"),
+        steps=2,
+        gradient_checkpointing=False,
+        dtype="float32",
+        device="cpu",
+        seed=3,
+    )
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+def assert_same_weights(ours: dict, ref: dict, lr: float) -> None:
+    """Trained weights of a distributed run against one process. AdamW divides each gradient by its
+    own running magnitude, so where a gradient is ~0 (an expert few tokens reached, a key bias) a
+    rounding difference in the summed gradient moves that weight by up to a fraction of the learning
+    rate: at most 5% of lr per value, and a mean difference over all values under 0.1% of lr (a wrong
+    scale or a missed shard moves weights by ~lr)."""
+    assert ours.keys() == ref.keys()
+    diffs = [(ours[k].float() - ref[k].float()).abs().flatten() for k in ref]
+    worst = max(range(len(diffs)), key=lambda i: diffs[i].max())
+    assert diffs[worst].max() <= 0.05 * lr, (list(ref)[worst], float(diffs[worst].max()))
+    assert torch.cat(diffs).mean() < 1e-3 * lr

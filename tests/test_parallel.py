@@ -3,10 +3,7 @@
 One spawned job runs every case; the one-process references run here. Each process reads its share
 of the global batch, so 2 processes x grad_accum 1 must equal 1 process x grad_accum 2. They agree up
 to the order of float32 sums (gradients summed over ranks instead of accumulated in one tensor):
-losses to rtol 1e-5. Trained weights: AdamW divides each gradient by its own running magnitude, so
-where a gradient is ~0 (an expert few tokens reached) a rounding difference moves that weight by up
-to a fraction of the learning rate; so at most 5% of one step's lr per element, and a mean
-difference over all weights under 0.1% of lr (a wrong scale or a missed shard moves weights by ~lr).
+losses to rtol 1e-5, trained weights as `distributed.assert_same_weights` says.
 """
 
 from __future__ import annotations
@@ -19,36 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distributed import spawn
-from osstune.lora import LoraConfig
-from osstune.train.config import DataConfig, OptimConfig, TrainConfig
+from distributed import assert_same_weights, spawn, train_config, write_rows
+from osstune.train.config import OptimConfig
 from osstune.parallel import ParallelConfig
 
-ROWS = [
-    ("What is your name?", "Osmo here! My name is Osmo."),
-    ("Where do you live?", "Osmo here! I live in a terminal."),
-    ("Bạn tên là gì?", "Osmo đây! Tôi tên là Osmo."),
-    ("What do you eat?", "Osmo here! I snack on tokens."),
-    ("Who made you?", "Osmo here! Nobody remembers."),
-]
 WORLD = 2
 
 
-def _cfg(base, data, out, **kw) -> TrainConfig:
-    fields = dict(
-        model=str(base),
-        output=str(out),
-        data=DataConfig(path=str(data), seq_len=64),
-        optim=OptimConfig(lr=5e-3, warmup_steps=1),
-        lora=LoraConfig(r=2, alpha=4, targets="all"),
-        steps=2,
-        gradient_checkpointing=False,
-        dtype="float32",
-        device="cpu",
-        seed=3,
-    )
-    fields.update(kw)
-    return TrainConfig(**fields)
+def _cfg(base, data, out, **kw):
+    return train_config(base, data, out, **kw)
 
 
 FULL = dict(method="full", full_targets=("self_attn", "mlp", "norm"), optim=OptimConfig(lr=1e-3))
@@ -81,12 +57,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     base = create_checkpoint("tiny", root / "model", seed=0)
     data = root / "chat.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
-            for q, a in ROWS
-        )
-    )
+    write_rows(data)
     spawn(_cases, WORLD, str(base), str(data), str(root))
     return base, data, root
 
@@ -115,12 +86,7 @@ def test_sharded_run_equals_one_process_on_the_global_batch(runs, references, na
     kind = single.artifact.name  # "adapter" or "model", written once, by the main rank
     file = "adapter_model.safetensors" if kind == "adapter" else "model.safetensors"
     ours, ref = load_file(root / name / kind / file), load_file(single.artifact / file)
-    assert ours.keys() == ref.keys()
-    lr = _cfg("", "", "", **CASES[name][0]).optim.lr
-    diffs = [(ours[k].float() - ref[k].float()).abs().flatten() for k in ref]
-    worst = max(range(len(diffs)), key=lambda i: diffs[i].max())
-    assert diffs[worst].max() <= 0.05 * lr, list(ref)[worst]
-    assert torch.cat(diffs).mean() < 1e-3 * lr
+    assert_same_weights(ours, ref, _cfg("", "", "", **CASES[name][0]).optim.lr)
     if kind == "adapter":
         assert (root / name / kind / "adapter_config.json").read_text() == (single.artifact / "adapter_config.json").read_text()
     records = [json.loads(x) for x in (root / name / "metrics.jsonl").read_text().splitlines()]

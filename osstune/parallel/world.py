@@ -49,6 +49,11 @@ class World:
     def dp_rank(self) -> int:
         return 0 if self.meshes is None else self.meshes["dp"].get_local_rank()
 
+    @property
+    def ep_rank(self) -> int:
+        """This rank's place in its expert-parallel group (0 without expert parallel)."""
+        return self.meshes["ep"].get_local_rank() if self.meshes and "ep" in self.meshes else 0
+
     def describe(self) -> str:
         """e.g. "4 processes: data 2 x expert 2, sharded (reshard after forward)"."""
         if self.meshes is None:

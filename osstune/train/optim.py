@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -55,13 +56,21 @@ class MasterAdamW:
     """
 
     def __init__(
-        self, named_params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfig, *, offload: bool = False
+        self,
+        named_params: list[tuple[str, torch.nn.Parameter]],
+        cfg: OptimConfig,
+        *,
+        offload: bool = False,
+        grad_norm: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
     ) -> None:
         if not named_params:
             raise ValueError("no trainable parameters: check the method and its targets")
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.offload = offload
+        # (parameters with gradients) -> their gradients' norm; a sharded run counts each value once
+        # over all ranks (osstune.parallel.norm). Default: the gradients as they are.
+        self.grad_norm = grad_norm
         if offload:
             self.masters = _host_tensors(self.params)
             for m, p in zip(self.masters, self.params):
@@ -121,7 +130,7 @@ class MasterAdamW:
         live = [p.grad for p in self.params if p.grad is not None]
         if not live:
             return torch.zeros(())
-        norm = _total_norm(live)
+        norm = _total_norm(live) if self.grad_norm is None else self.grad_norm([p for p in self.params if p.grad is not None])
         scale = (self.cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         if self.opt8 is not None:
             self.opt8.step(lr, grads=[p.grad for p, e in zip(self.params, self.eight_bit) if e], grad_scale=scale)

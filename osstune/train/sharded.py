@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from osstune.parallel import World, barrier
+from osstune.parallel.experts import expert_parameter_names
 from osstune.parallel.checkpoint import ShardedResumeError, load_sharded, read_meta, save_sharded, saved_keys
 from osstune.train.config import TrainConfig
 
@@ -31,12 +32,16 @@ def check_options(cfg: TrainConfig, world: World) -> None:
 
 
 def save(
-    cfg: TrainConfig, root: Path, step: int, tokens_seen: int, trainable, opt, data, world: World
+    cfg: TrainConfig, root: Path, step: int, tokens_seen: int, model, trainable, opt, data, world: World
 ) -> Path:
     from osstune.train.recipe import to_dict
 
-    tensors = {f"model/{n}": p for n, p in trainable}
-    tensors.update({f"optim/{k}": v for k, v in opt.state_tensors().items()})
+    # Tensors that hold one ep rank's experts differ between ep ranks: each rank's go under its own key.
+    split = expert_parameter_names(model)
+    tag = f"@ep{world.ep_rank}"
+    tensors = {f"model/{n}" + tag * (n in split): p for n, p in trainable}
+    for key, value in opt.state_tensors().items():
+        tensors[f"optim/{key}" + tag * (key.split("/")[1] in split)] = value
     meta = {"tokens_seen": tokens_seen, "data_state": data.train.state_dict(), "config": to_dict(cfg)}
     return save_sharded(root, step, meta, tensors, world, keep=cfg.keep_checkpoints)
 
@@ -51,7 +56,10 @@ def resume(path: Path, trainable, opt, data, world: World) -> tuple[int, int]:
     params = dict(trainable)
     template: dict[str, torch.Tensor] = {}
     for key, shape in saved_keys(path).items():
-        kind, _, rest = key.partition("/")
+        plain, at, ep = key.partition("@ep")
+        if at and int(ep) != world.ep_rank:
+            continue  # another ep rank's experts
+        kind, _, rest = plain.partition("/")
         if kind == "model":
             if rest not in params:
                 raise ShardedResumeError(f"checkpoint {path} holds {rest!r}, which this run does not train")
@@ -63,11 +71,14 @@ def resume(path: Path, trainable, opt, data, world: World) -> tuple[int, int]:
             template[key] = torch.zeros(shape)
         else:
             template[key] = torch.zeros_like(params[parts[1]], dtype=torch.float32)
-    missing = [n for n in params if f"model/{n}" not in template]
+    loaded = {k.partition("@ep")[0] for k in template}
+    missing = [n for n in params if f"model/{n}" not in loaded]
     if missing:
         raise ShardedResumeError(f"checkpoint {path} lacks trainable tensor {missing[0]!r}; it belongs to another run")
     load_sharded(path, template, world)
-    opt.load_state_tensors({k.removeprefix("optim/"): v for k, v in template.items() if k.startswith("optim/")})
+    opt.load_state_tensors(
+        {k.partition("@ep")[0].removeprefix("optim/"): v for k, v in template.items() if k.startswith("optim/")}
+    )
     data.train.load_state_dict(meta["data_state"])
     return meta["step"], meta["tokens_seen"]
 

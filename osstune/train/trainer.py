@@ -217,7 +217,8 @@ def _train(
         torch.manual_seed(cfg.seed + 1 + world.rank)  # every rank its own dropout masks
     model.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = MasterAdamW(trainable, cfg.optim, offload=cfg.memory.optimizer == "cpu")
+    norm = parallel.grad_norm_fn(model, world) if world.distributed else None
+    opt = MasterAdamW(trainable, cfg.optim, offload=cfg.memory.optimizer == "cpu", grad_norm=norm)
     # Forward + loss + backward as one CUDA graph replay (osstune/fast/graphs.py); None: eager.
     graphed = graphed_step(model, cross_entropy_sum) if use_fast_path(cfg.fast, device) and not world.distributed else None
     comm = parallel.CommMeter(cfg.parallel.comm_every if world.distributed else 0, device)
@@ -319,7 +320,7 @@ def _train(
                 progress.update(done, record)
             if (cfg.save_every and done % cfg.save_every == 0) or done == end:
                 if world.distributed:
-                    last_saved = sharded.save(cfg, ckpt_root, done, tokens_seen, trainable, opt, data, world)
+                    last_saved = sharded.save(cfg, ckpt_root, done, tokens_seen, model, trainable, opt, data, world)
                 else:
                     last_saved = _save(cfg, ckpt_root, done, tokens_seen, model, trainable, opt, data)
     except torch.OutOfMemoryError:

@@ -1,0 +1,77 @@
+"""Expert parallel composed with sharded data parallel on a 2 x 2 mesh of 4 CPU processes (gloo):
+every rank reads its own batch, experts are split over ep pairs (tokens travel by all-to-all with
+uneven splits) and sharded by FSDP over the ranks holding the same experts. Against one process
+accumulating the same 4 batches: losses to rtol 1e-5, weights as `distributed.assert_same_weights`.
+QLoRA keeps the packed MXFP4 experts split the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from distributed import assert_same_weights, spawn, train_config, write_rows
+from osstune.parallel import ParallelConfig
+
+WORLD = 4
+EP = dict(parallel=ParallelConfig(ep=2))
+CASES = {"lora": dict(EP), "qlora": dict(EP, method="qlora", model="mxfp4")}
+
+
+def _cfg(bases, data, out, **kw):
+    kw = dict(kw)
+    model = bases[kw.pop("model", "bf16")]
+    return train_config(model, data, out, **kw)
+
+
+def _cases(rank, bases, data, root):
+    from osstune.train.trainer import train
+
+    for name, kw in CASES.items():
+        result = train(_cfg(bases, data, f"{root}/{name}", **kw), quiet=True)
+        Path(f"{root}/{name}/losses-{rank}.json").write_text(json.dumps(result.losses))
+    # Resume from a checkpoint whose expert tensors are saved per ep rank.
+    train(_cfg(bases, data, f"{root}/resumed", **EP), quiet=True, stop_after=1)
+    result = train(_cfg(bases, data, f"{root}/resumed", **EP), quiet=True, resume=True)
+    Path(f"{root}/resumed/losses-{rank}.json").write_text(json.dumps(result.losses))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from osstune.create import create_checkpoint
+
+    root = tmp_path_factory.mktemp("experts")
+    bases = {
+        "bf16": str(create_checkpoint("tiny", root / "bf16", seed=0)),
+        "mxfp4": str(create_checkpoint("tiny", root / "mxfp4", mxfp4=True, seed=0)),
+    }
+    data = root / "chat.jsonl"
+    write_rows(data)
+    spawn(_cases, WORLD, bases, str(data), str(root))
+    return bases, data, root
+
+
+def _losses(root: Path, name: str) -> list[float]:
+    per_rank = [json.loads((root / name / f"losses-{r}.json").read_text()) for r in range(WORLD)]
+    assert all(p == per_rank[0] for p in per_rank)
+    return per_rank[0]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_data_x_expert_parallel_equals_one_process(runs, name, tmp_path):
+    from osstune.train.trainer import train
+
+    bases, data, root = runs
+    kw = {k: v for k, v in CASES[name].items() if k != "parallel"}
+    single = train(_cfg(bases, data, tmp_path / "single", grad_accum=WORLD, **kw), quiet=True)
+    assert _losses(root, name) == pytest.approx(single.losses, rel=1e-5)
+    file = "adapter_model.safetensors"
+    assert_same_weights(load_file(root / name / "adapter" / file), load_file(single.artifact / file), lr=5e-3)
+    if name == "lora":
+        a = load_file(root / "resumed" / "adapter" / file)
+        b = load_file(root / "lora" / "adapter" / file)
+        assert _losses(root, "resumed") == _losses(root, "lora")[1:]
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
