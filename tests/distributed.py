@@ -22,20 +22,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn, world: int, port: int, args: tuple) -> None:
+def _entry(rank: int, fn, world: int, port: int, backend: str, args: tuple) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)  # N processes share the machine's cores
-    dist.init_process_group("gloo", timeout=timedelta(seconds=300))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, timeout=timedelta(seconds=300))
     try:
         fn(rank, *args)
     finally:
         dist.destroy_process_group()
 
 
-def spawn(fn, world: int, *args) -> None:
-    mp.start_processes(_entry, args=(fn, world, free_port(), args), nprocs=world, start_method="spawn", join=True)
+def spawn(fn, world: int, *args, backend: str = "gloo") -> None:
+    mp.start_processes(_entry, args=(fn, world, free_port(), backend, args), nprocs=world, start_method="spawn", join=True)
 
 
 ROWS = [

@@ -81,9 +81,9 @@ def init_world(cfg: ParallelConfig, device: torch.device) -> World:
     `device` is the run's device kind; under torchrun on CUDA each process takes cuda:LOCAL_RANK.
     """
     if not launched():
-        if cfg != ParallelConfig() and (cfg.tp > 1 or cfg.ep > 1):
+        if cfg.ep > 1:
             raise ValueError(
-                f"parallel.tp={cfg.tp}, parallel.ep={cfg.ep} need several processes; start with "
+                f"parallel.ep={cfg.ep} splits experts over several processes; start them with "
                 "`osstune train --nproc N` or `torchrun --nproc-per-node N -m osstune train`"
             )
         return World(0, 1, device, None, cfg)

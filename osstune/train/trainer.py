@@ -96,9 +96,15 @@ def _check_method(cfg: TrainConfig) -> None:
 
 
 def _prepare_model(
-    cfg: TrainConfig, device: torch.device, dtype: torch.dtype, notes: list[str] | None = None
+    cfg: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    notes: list[str] | None = None,
+    load_device: torch.device | None = None,
 ) -> torch.nn.Module:
-    """The model as `cfg` trains it; what the user should know about it is appended to `notes`."""
+    """The model as `cfg` trains it; what the user should know about it is appended to `notes`.
+    load_device: where the weights are loaded (default `device`); a sharded run loads them into host
+    memory and FSDP moves each rank's shards to its GPU, so no GPU ever holds the whole model."""
     from osstune.checkpoint import load_model
 
     # QLoRA, and full fine-tuning that leaves the experts frozen, keep MXFP4 experts packed as
@@ -110,7 +116,7 @@ def _prepare_model(
     # A table meant for host memory is loaded straight there: it never takes GPU memory, not even
     # at the peak of the load, which is what a small GPU fails on.
     host = ("model.embed_tokens.weight",) if cfg.memory.embedding == "cpu" else ()
-    model = load_model(cfg.model, dtype=dtype, device=device, packed_experts=packed, host=host)
+    model = load_model(cfg.model, dtype=dtype, device=load_device or device, packed_experts=packed, host=host)
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.memory.embedding == "cpu":  # TrainConfig refuses it for a trained table
@@ -211,7 +217,7 @@ def _train(
 
     torch.manual_seed(cfg.seed)
     notes: list[str] = []
-    model = _prepare_model(cfg, device, dtype, notes)
+    model = _prepare_model(cfg, device, dtype, notes, torch.device("cpu") if world.distributed else None)
     model = parallel.parallelize(model, world, dtype)
     if world.distributed:
         torch.manual_seed(cfg.seed + 1 + world.rank)  # every rank its own dropout masks

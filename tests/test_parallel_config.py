@@ -1,0 +1,46 @@
+"""Parallel options that cannot work are refused before any process group or model exists."""
+
+import pytest
+import torch
+
+from osstune.parallel import ParallelConfig, init_world
+from osstune.train.config import TrainConfig
+from osstune.train.recipe import RecipeError, apply_override, from_dict, to_dict
+
+
+def test_mesh_shapes():
+    assert ParallelConfig().mesh_shape(4) == (1, 4, 1)
+    assert ParallelConfig(data="replicate").mesh_shape(4) == (4, 1, 1)
+    assert ParallelConfig(ep=2).mesh_shape(4) == (1, 4, 1)
+
+
+@pytest.mark.parametrize(
+    "kw, world, words",
+    [
+        (dict(ep=3), 4, "parallel.ep=3 must divide the 4"),
+        (dict(ep=2, data="replicate"), 4, "parallel.data='replicate'"),
+        (dict(tp=2), 4, "tensor parallel is not built yet"),
+        (dict(offload=True, data="replicate"), 2, "needs parallel.data='shard'"),
+    ],
+)
+def test_bad_layouts_are_refused(kw, world, words):
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        ParallelConfig(**kw).mesh_shape(world)
+
+
+def test_expert_parallel_needs_several_processes(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="--nproc N"):
+        init_world(ParallelConfig(ep=2), torch.device("cpu"))
+    assert init_world(ParallelConfig(), torch.device("cpu")).size == 1
+
+
+def test_the_parallel_section_is_part_of_the_recipe():
+    data = to_dict(TrainConfig())
+    apply_override(data, "parallel.ep=2")
+    apply_override(data, "parallel.reshard_after_forward=false")
+    cfg = from_dict(TrainConfig, data)
+    assert cfg.parallel == ParallelConfig(ep=2, reshard_after_forward=False)
+    apply_override(data, "parallel.data=zero3")
+    with pytest.raises(RecipeError, match="parallel.data"):
+        from_dict(TrainConfig, data)
