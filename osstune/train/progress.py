@@ -43,6 +43,8 @@ class Progress:
         ]
         if m.get("peak_gpu_gb") is not None:
             parts.append(f"peak {m['peak_gpu_gb']:.1f} GB")
+        if m.get("comm_s") is not None:
+            parts.append(f"comm {m['comm_s']:.3f} s")
         if m.get("eval_loss") is not None:
             parts.append(f"eval {m['eval_loss']:.4f}")
         parts.append(f"ETA {_duration(eta)}")
