@@ -61,14 +61,15 @@ def write_rows(path) -> None:
 
 
 def train_config(base, data, out, **kw):
-    """Two steps of the tiny model on 64-token sequences, float32 on the CPU."""
+    """Two steps of the tiny model on 64-token sequences, float32 on the CPU; `eval_fraction` holds
+    rows out for an eval loss."""
     from osstune.lora import LoraConfig
     from osstune.train.config import DataConfig, OptimConfig, TrainConfig
 
     fields = dict(
         model=str(base),
         output=str(out),
-        data=DataConfig(path=str(data), seq_len=64),
+        data=DataConfig(path=str(data), seq_len=64, eval_fraction=kw.pop("eval_fraction", 0.0)),
         optim=OptimConfig(lr=5e-3, warmup_steps=1),
         lora=LoraConfig(r=2, alpha=4, targets="all"),
         steps=2,

@@ -27,10 +27,15 @@ def _cfg(base, data, out, **kw):
     return train_config(base, data, out, **kw)
 
 
-FULL = dict(method="full", full_targets=("self_attn", "mlp", "norm"), optim=OptimConfig(lr=1e-3))
+# With an eval loss at the end (every rank evaluates the held-out row).
+FULL = dict(
+    method="full", full_targets=("self_attn", "mlp", "norm"), optim=OptimConfig(lr=1e-3), eval_every=2,
+    eval_fraction=0.2,
+)  # fmt: skip
 # name -> (config changes of the distributed run, name of its one-process reference)
 CASES = {
-    "lora": (dict(parallel=ParallelConfig(reshard_after_forward=True)), "lora"),
+    # Gradient checkpointing recomputes each layer (FSDP gathers it again): the same numbers.
+    "lora": (dict(parallel=ParallelConfig(reshard_after_forward=True), gradient_checkpointing=True), "lora"),
     "lora_replicated": (dict(parallel=ParallelConfig(data="replicate")), "lora"),
     "full_keep_gathered": (dict(FULL, parallel=ParallelConfig(reshard_after_forward=False)), "full"),
 }
@@ -43,7 +48,7 @@ def _cases(rank, base, data, root):
 
     for name, (kw, _) in CASES.items():
         result = train(_cfg(base, data, f"{root}/{name}", **kw), quiet=True)
-        Path(f"{root}/{name}/losses-{rank}.json").write_text(json.dumps(result.losses))
+        Path(f"{root}/{name}/losses-{rank}.json").write_text(json.dumps(result.losses + [result.eval_loss]))
     # Interrupted after one step (a sharded checkpoint), then resumed.
     train(_cfg(base, data, f"{root}/resumed", **RESUMED), quiet=True, stop_after=1)
     result = train(_cfg(base, data, f"{root}/resumed", **RESUMED), quiet=True, resume=True)
@@ -72,6 +77,7 @@ def references(runs, tmp_path_factory):
 
 
 def _losses(root: Path, name: str) -> list[float]:
+    """Training losses, then the eval loss (None without eval)."""
     per_rank = [json.loads((root / name / f"losses-{r}.json").read_text()) for r in range(WORLD)]
     assert all(p == per_rank[0] for p in per_rank), "ranks disagree on the logged loss"
     return per_rank[0]
@@ -81,7 +87,7 @@ def _losses(root: Path, name: str) -> list[float]:
 def test_sharded_run_equals_one_process_on_the_global_batch(runs, references, name):
     _, _, root = runs
     single = references[CASES[name][1]]
-    assert _losses(root, name) == pytest.approx(single.losses, rel=1e-5)
+    assert _losses(root, name) == pytest.approx(single.losses + [single.eval_loss], rel=1e-5)
     assert all(math.isfinite(x) for x in single.losses) and single.losses[-1] < single.losses[0]
     kind = single.artifact.name  # "adapter" or "model", written once, by the main rank
     file = "adapter_model.safetensors" if kind == "adapter" else "model.safetensors"
@@ -99,7 +105,7 @@ def test_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_run(runs):
     # arithmetic, so the same numbers.
     _, _, root = runs
     assert (root / "resumed" / "checkpoints" / "step-0000001" / ".metadata").is_file()
-    assert _losses(root, "resumed") == _losses(root, "lora")[1:]
+    assert _losses(root, "resumed") == _losses(root, "lora")[1:-1]  # step 2 (no eval in either)
     a = load_file(root / "resumed" / "adapter" / "adapter_model.safetensors")
     b = load_file(root / "lora" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
