@@ -109,3 +109,12 @@ def test_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_run(runs):
     a = load_file(root / "resumed" / "adapter" / "adapter_model.safetensors")
     b = load_file(root / "lora" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_process_refuses_to_resume_a_sharded_checkpoint(runs):
+    from osstune.parallel.checkpoint import ShardedResumeError
+    from osstune.train.trainer import train
+
+    base, data, root = runs
+    with pytest.raises(ShardedResumeError, match="written by 2 processes; resume it with --nproc 2"):
+        train(_cfg(base, data, root / "resumed", **RESUMED), quiet=True, resume=True)

@@ -3,13 +3,14 @@ that do not combine with it, sharded checkpoints, and the artifact gathered and 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from osstune.parallel import World, barrier
 from osstune.parallel.experts import expert_parameter_names
-from osstune.parallel.checkpoint import ShardedResumeError, load_sharded, read_meta, save_sharded, saved_keys
+from osstune.parallel.checkpoint import ShardedResumeError, is_sharded, load_sharded, read_meta, save_sharded, saved_keys
 from osstune.train.config import TrainConfig
 
 
@@ -44,6 +45,14 @@ def save(
         tensors[f"optim/{key}" + tag * (key.split("/")[1] in split)] = value
     meta = {"tokens_seen": tokens_seen, "data_state": data.train.state_dict(), "config": to_dict(cfg)}
     return save_sharded(root, step, meta, tensors, world, keep=cfg.keep_checkpoints)
+
+
+def refuse_sharded(path: Path) -> None:
+    """A one-process run cannot resume a checkpoint that several processes wrote (and vice versa,
+    checkpoint.read_meta): say so instead of failing to read it."""
+    if is_sharded(path):
+        n = json.loads((path / "state.json").read_text()).get("world_size")
+        raise ShardedResumeError(f"checkpoint {path} was written by {n} processes; resume it with --nproc {n}")
 
 
 def saved_config(path: Path, world: World) -> dict:

@@ -209,6 +209,7 @@ def _train(
         saved = previous
         _check_resume(cfg, sharded.saved_config(previous, world))
     elif resume:
+        sharded.refuse_sharded(previous)
         saved = ckpt.load_checkpoint(previous)
         _check_resume(cfg, saved[0].config)
     _check_method(cfg)
