@@ -28,9 +28,58 @@ def _cfg(bases, data, out, **kw):
     return train_config(model, data, out, **kw)
 
 
+def _dispatch_against_reference(rank, root):
+    """ExpertDispatch on random tokens routed unevenly (most to rank 0's experts) against the whole
+    experts module on one rank: outputs, input gradients and expert gradients (summed over ranks)."""
+    import torch
+    import torch.distributed as dist
+
+    from osstune.config import PRESETS
+    from osstune.model import Experts
+    from osstune.parallel.experts import ExpertDispatch, ExpertShard, _local_experts
+
+    cfg = PRESETS["tiny"]
+    torch.manual_seed(0)  # the same experts everywhere
+    whole = Experts(cfg)
+    for p in whole.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    group = dist.new_group([0, 1])  # one ep pair; ranks 2 and 3 take no part
+    if rank > 1:
+        return
+    gen = torch.Generator().manual_seed(10 + rank)
+    n = 7 + 6 * rank  # different token counts per rank
+    x = torch.randn(n, cfg.hidden_size, generator=gen, requires_grad=True)
+    logits = torch.randn(n, cfg.num_local_experts, generator=gen)
+    logits[:, :2] += 2.0  # experts 0 and 1 (rank 0's) are chosen far more often: uneven splits
+    top, idx = logits.topk(cfg.num_experts_per_tok, dim=-1)
+    weights = top.softmax(-1)
+    ref = whole(x, idx, weights)
+    ref.square().sum().backward()
+    ref_dx, ref_grads = x.grad, {k: p.grad.clone() for k, p in whole.named_parameters()}
+    for g in ref_grads.values():
+        dist.all_reduce(g, group=group)  # every rank's tokens reach the experts
+
+    shard = ExpertShard(rank, 2, cfg.num_local_experts, group)
+    local = Experts(cfg)
+    local.load_state_dict(whole.state_dict())
+    _local_experts(local, shard)
+    x2 = x.detach().clone().requires_grad_(True)
+    out = ExpertDispatch(shard)(local, x2, idx, weights)
+    out.square().sum().backward()
+    lo, hi = rank * shard.local, (rank + 1) * shard.local
+
+    def rel(a, b):  # largest difference relative to the reference's largest value
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    diffs = {"out": rel(out, ref), "dx": rel(x2.grad, ref_dx)}
+    diffs.update({k: rel(p.grad, ref_grads[k][lo:hi]) for k, p in local.named_parameters()})
+    Path(f"{root}/dispatch-{rank}.json").write_text(json.dumps(diffs))
+
+
 def _cases(rank, bases, data, root):
     from osstune.train.trainer import train
 
+    _dispatch_against_reference(rank, root)
     for name, kw in CASES.items():
         result = train(_cfg(bases, data, f"{root}/{name}", **kw), quiet=True)
         Path(f"{root}/{name}/losses-{rank}.json").write_text(json.dumps(result.losses))
@@ -59,6 +108,14 @@ def _losses(root: Path, name: str) -> list[float]:
     per_rank = [json.loads((root / name / f"losses-{r}.json").read_text()) for r in range(WORLD)]
     assert all(p == per_rank[0] for p in per_rank)
     return per_rank[0]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_all_to_all_dispatch_equals_the_whole_experts(runs, rank):
+    # The same products; gradients summed over ranks in another order: float32 rounding only.
+    _, _, root = runs
+    diffs = json.loads((root / f"dispatch-{rank}.json").read_text())
+    assert max(diffs.values()) < 1e-5, diffs  # relative to each tensor's largest value
 
 
 @pytest.mark.parametrize("name", list(CASES))
