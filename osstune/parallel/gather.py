@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from osstune.parallel.experts import gather_experts
@@ -26,6 +27,11 @@ def gather_parameters(model: nn.Module, world: World, dtype: torch.dtype, names:
     cast to `dtype`, the run's compute dtype, which is what a one-process run holds). Every rank must
     call it (each tensor is one or two collectives); the other ranks keep their shards. After this
     the model is for saving only. names: only these parameters (default all)."""
+    # Layers left gathered (an eval forward, reshard_after_forward off) hold their whole tensors as
+    # plain parameters; FSDP would put the shards back at the next state_dict() over what is set here.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
     done: set[str] = set()
     # Experts split by expert parallel: whole over FSDP, then every ep rank's experts concatenated.
     for path, module in model.named_modules():

@@ -94,7 +94,8 @@ def init_world(cfg: ParallelConfig, device: torch.device) -> World:
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()  # a caller (a test, a notebook) may have started it already
     if owns:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     mesh = init_device_mesh(device.type, (replicate, shard, tp), mesh_dim_names=DIMS)
     fsdp = mesh["dp_replicate", "dp_shard"]
     meshes = {"fsdp": fsdp, "dp": fsdp._flatten("dp"), "tp": mesh["tp"]}

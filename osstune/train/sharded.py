@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from osstune.parallel import World, barrier
-from osstune.parallel.experts import expert_parameter_names
 from osstune.parallel.checkpoint import ShardedResumeError, is_sharded, load_sharded, read_meta, save_sharded, saved_keys
+from osstune.parallel.experts import expert_parameter_names
 from osstune.train.config import TrainConfig
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from osstune.fast import FastPathOptions, enable_fast_path, graphed_step, use_fast_path
 from osstune import parallel
+from osstune.fast import FastPathOptions, enable_fast_path, graphed_step, use_fast_path
 from osstune.offload import HostEmbedding, offload_activations, offload_embedding
 from osstune.train import sharded
 from osstune.train import state as ckpt
@@ -227,7 +227,10 @@ def _train(
     norm = parallel.grad_norm_fn(model, world) if world.distributed else None
     opt = MasterAdamW(trainable, cfg.optim, offload=cfg.memory.optimizer == "cpu", grad_norm=norm)
     # Forward + loss + backward as one CUDA graph replay (osstune/fast/graphs.py); None: eager.
-    graphed = graphed_step(model, cross_entropy_sum) if use_fast_path(cfg.fast, device) and not world.distributed else None
+    # Not with several processes: FSDP's collectives run outside any graph.
+    graphed = None
+    if use_fast_path(cfg.fast, device) and not world.distributed:
+        graphed = graphed_step(model, cross_entropy_sum)
     comm = parallel.CommMeter(cfg.parallel.comm_every if world.distributed else 0, device)
 
     start_step, tokens_seen = 0, 0
