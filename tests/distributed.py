@@ -93,3 +93,11 @@ def assert_same_weights(ours: dict, ref: dict, lr: float) -> None:
     worst = max(range(len(diffs)), key=lambda i: diffs[i].max())
     assert diffs[worst].max() <= 0.05 * lr, (list(ref)[worst], float(diffs[worst].max()))
     assert torch.cat(diffs).mean() < 1e-3 * lr
+
+
+def tiny_model(path, mxfp4: bool = False) -> str:
+    """The tiny preset with 2 layers (one sliding-window, one full): every kind of layer, half the time."""
+    from osstune.config import PRESETS
+    from osstune.create import create_checkpoint
+
+    return str(create_checkpoint(PRESETS["tiny"].replace(num_hidden_layers=2), path, mxfp4=mxfp4, seed=0))

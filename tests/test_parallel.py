@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distributed import assert_same_weights, spawn, train_config, write_rows
+from distributed import assert_same_weights, spawn, tiny_model, train_config, write_rows
 from osstune.train.config import OptimConfig
 from osstune.parallel import ParallelConfig
 
@@ -57,10 +57,8 @@ def _cases(rank, base, data, root):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from osstune.create import create_checkpoint
-
     root = tmp_path_factory.mktemp("parallel")
-    base = create_checkpoint("tiny", root / "model", seed=0)
+    base = tiny_model(root / "model")
     data = root / "chat.jsonl"
     write_rows(data)
     spawn(_cases, WORLD, str(base), str(data), str(root))

@@ -2,7 +2,8 @@
 every rank reads its own batch, experts are split over ep pairs (tokens travel by all-to-all with
 uneven splits) and sharded by FSDP over the ranks holding the same experts. Against one process
 accumulating the same 4 batches: losses to rtol 1e-5, weights as `distributed.assert_same_weights`.
-QLoRA keeps the packed MXFP4 experts split the same way.
+QLoRA keeps the packed MXFP4 experts split the same way. The LoRA run is interrupted after its first
+step and resumed from the sharded checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from distributed import assert_same_weights, spawn, train_config, write_rows
+from distributed import assert_same_weights, spawn, tiny_model, train_config, write_rows
 from osstune.parallel import ParallelConfig
 
 WORLD = 4
@@ -81,23 +82,18 @@ def _cases(rank, bases, data, root):
 
     _dispatch_against_reference(rank, root)
     for name, kw in CASES.items():
-        result = train(_cfg(bases, data, f"{root}/{name}", **kw), quiet=True)
-        Path(f"{root}/{name}/losses-{rank}.json").write_text(json.dumps(result.losses))
-    # Resume from a checkpoint whose expert tensors are saved per ep rank.
-    train(_cfg(bases, data, f"{root}/resumed", **EP), quiet=True, stop_after=1)
-    result = train(_cfg(bases, data, f"{root}/resumed", **EP), quiet=True, resume=True)
-    Path(f"{root}/resumed/losses-{rank}.json").write_text(json.dumps(result.losses))
+        cfg = _cfg(bases, data, f"{root}/{name}", **kw)
+        losses = []
+        if name == "lora":  # interrupted after step 1: its expert tensors are checkpointed per ep rank
+            losses = train(cfg, quiet=True, stop_after=1).losses
+        losses += train(cfg, quiet=True, resume=bool(losses)).losses
+        Path(f"{root}/{name}/losses-{rank}.json").write_text(json.dumps(losses))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from osstune.create import create_checkpoint
-
     root = tmp_path_factory.mktemp("experts")
-    bases = {
-        "bf16": str(create_checkpoint("tiny", root / "bf16", seed=0)),
-        "mxfp4": str(create_checkpoint("tiny", root / "mxfp4", mxfp4=True, seed=0)),
-    }
+    bases = {"bf16": tiny_model(root / "bf16"), "mxfp4": tiny_model(root / "mxfp4", mxfp4=True)}
     data = root / "chat.jsonl"
     write_rows(data)
     spawn(_cases, WORLD, bases, str(data), str(root))
@@ -127,9 +123,5 @@ def test_data_x_expert_parallel_equals_one_process(runs, name, tmp_path):
     single = train(_cfg(bases, data, tmp_path / "single", grad_accum=WORLD, **kw), quiet=True)
     assert _losses(root, name) == pytest.approx(single.losses, rel=1e-5)
     file = "adapter_model.safetensors"
+    # A resume that lost the AdamW state of step 1 would move the weights by ~lr here.
     assert_same_weights(load_file(root / name / "adapter" / file), load_file(single.artifact / file), lr=5e-3)
-    if name == "lora":
-        a = load_file(root / "resumed" / "adapter" / file)
-        b = load_file(root / "lora" / "adapter" / file)
-        assert _losses(root, "resumed") == _losses(root, "lora")[1:]
-        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

@@ -42,9 +42,9 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
 
 
 def test_nproc_trains_in_two_processes_and_writes_once(tmp_path):
-    from osstune.create import create_checkpoint
+    from distributed import tiny_model
 
-    base = create_checkpoint("tiny", tmp_path / "model", seed=0)
+    base = tiny_model(tmp_path / "model")
     data = tmp_path / "chat.jsonl"
     rows = [("Hi?", "Osmo here!"), ("Name?", "Osmo."), ("Where?", "A terminal."), ("Food?", "Tokens.")]
     data.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in rows))

@@ -227,7 +227,7 @@ def _train(
     norm = parallel.grad_norm_fn(model, world) if world.distributed else None
     opt = MasterAdamW(trainable, cfg.optim, offload=cfg.memory.optimizer == "cpu", grad_norm=norm)
     # Forward + loss + backward as one CUDA graph replay (osstune/fast/graphs.py); None: eager.
-    # Not with several processes: FSDP's collectives run outside any graph.
+    # One process only: FSDP's hooks and collectives are not recorded into the graph.
     graphed = None
     if use_fast_path(cfg.fast, device) and not world.distributed:
         graphed = graphed_step(model, cross_entropy_sum)
