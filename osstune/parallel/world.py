@@ -55,7 +55,8 @@ class World:
         return self.meshes["ep"].get_local_rank() if self.meshes and "ep" in self.meshes else 0
 
     def describe(self) -> str:
-        """e.g. "4 processes: data 2 x expert 2, sharded (reshard after forward)"."""
+        """e.g. "4 processes: data 2 x expert 2, weights sharded, resharded after forward" (the mesh;
+        every process reads its own batches either way)."""
         if self.meshes is None:
             return "1 process"
         cfg = self.config
