@@ -110,6 +110,11 @@ def run_train(args: argparse.Namespace) -> int:
     from osstune.train.recipe import to_dict
 
     cfg = resolve_config(args)
+    if args.nproc and args.nproc > 1 and args.gpu_memory_limit:
+        raise ValueError(
+            "--gpu-memory-limit caps one process's GPU; it is not passed on to the --nproc processes yet. "
+            "Leave it out, or cap each GPU another way (e.g. the planner's recipe for its size)"
+        )
     if args.plan or args.gpu_memory_limit:
         cfg = _plan_and_limit(cfg, args)
     if args.print_config:
