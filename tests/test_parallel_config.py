@@ -44,3 +44,13 @@ def test_the_parallel_section_is_part_of_the_recipe():
     apply_override(data, "parallel.data=zero3")
     with pytest.raises(RecipeError, match="parallel.data"):
         from_dict(TrainConfig, data)
+
+
+def test_nproc_checks_the_layout_before_starting_processes(tmp_path, capsys):
+    from osstune.cli import main
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    args = ["train", "--nproc", "3", "--data", str(data), "--output", str(tmp_path / "run"), "--set", "parallel.ep=2"]
+    assert main(args) == 1  # the CLI's user-error exit, before torchrun starts anything
+    assert "parallel.ep=2 must divide the 3 data-parallel ranks" in capsys.readouterr().err

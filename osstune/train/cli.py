@@ -127,6 +127,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and not launched():
         from osstune.parallel.launch import launch_train
 
+        cfg.parallel.mesh_shape(args.nproc)  # a layout that cannot fit fails here, once, not in every process
         flags = ["--resume"] * args.resume + ["--quiet"] * args.quiet
         flags += ["--stop-after", str(args.stop_after)] if args.stop_after is not None else []
         return launch_train(args.nproc, to_dict(cfg), flags)
