@@ -7,6 +7,8 @@ import importlib
 import os
 import sys
 
+from osstune.errors import Interrupted, OsstuneError
+
 # (module, registration function): each adds its subcommands to the top-level parser. Imports are
 # lazy in the sense that heavy libraries are imported inside the command functions, not here.
 _COMMANDS = (
@@ -17,7 +19,7 @@ _COMMANDS = (
     ("osstune.infer.cli", "add_commands"),
     ("osstune.infer.batch", "add_command"),
     ("osstune.serve.cli", "add_command"),
-    ("osstune.export", "add_command"),
+    ("osstune.export_cli", "add_command"),
     ("osstune.plan.cli", "add_command"),
 )
 
@@ -54,15 +56,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`osstune data render ... | head -1`): not an error. Point stdout at
+        # /dev/null so the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("osstune: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as e:
-        # User errors (bad files, bad options) carry a message that says what and where.
-        print(f"osstune: error: {e}", file=sys.stderr)
+    except Interrupted as e:
+        print(f"osstune: {e}", file=sys.stderr)
+        return e.exit_code
+    except (OsstuneError, ValueError, OSError) as e:
+        # User errors (bad files, bad options, a run that stopped for a stated reason) carry a
+        # message that says what and where; a traceback would bury it.
+        print(f"osstune: error: {_message(e)}", file=sys.stderr)
         return 1
 
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror and not isinstance(e, FileNotFoundError):
+        # FileExistsError, IsADirectoryError, PermissionError, ...: "<file>: <what>"
+        return f"{e.filename}: {e.strerror.lower()}"
+    return str(e)
 
 if __name__ == "__main__":
     sys.exit(main())

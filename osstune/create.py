@@ -56,7 +56,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "create",
         help="write a randomly initialised checkpoint (Hugging Face layout)",
-        description=__doc__.splitlines()[0],
+        description="Write a randomly initialised gpt-oss checkpoint in the real Hugging Face layout.",
     )
     p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="model shape")
     p.add_argument("--output", required=True, type=Path, help="checkpoint directory to write")

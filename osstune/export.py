@@ -9,7 +9,6 @@ already packed are written as they were (no error). Tokenizer files come from th
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -128,25 +127,3 @@ def _tokenizer_dir(model_path: str | Path) -> Path | None:
         return None
     source = resolve_checkpoint(model_path)
     return source if any((source / f).is_file() for f in TOKENIZER_FILES) else None
-
-
-def add_command(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "export",
-        help="merge a LoRA adapter into its base model and write a Hugging Face checkpoint",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--model", required=True, help="base model: checkpoint directory, Hugging Face repo id or preset")
-    p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--output", required=True, help="directory to write the merged checkpoint to")
-    p.add_argument(
-        "--format", choices=FORMATS, default="bf16",
-        help="expert layout: bf16 (dense, exact) or mxfp4 (requantized; the error is reported)",
-    )  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    export_merged(args.model, args.adapter, args.output, args.format, overwrite=args.overwrite)
-    return 0

@@ -56,9 +56,14 @@ def test_check_skip_invalid(tmp_path, capsys):
 
 def test_check_max_length(data_file, capsys):
     assert run(["data", "check", str(data_file), "--max-length", "20"]) == 1
-    assert "more than max_length=20" in capsys.readouterr().err
-    assert run(["data", "check", str(data_file), "--max-length", "20", "--overflow", "drop"]) == 0
-    assert "2 dropped as too long" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    # The remedies are named as this command spells them, not as the Python API does.
+    assert "more than the limit of 20" in err and "--max-length" in err and "--overflow truncate" in err
+    assert "DataOptions" not in err
+    # Every row dropped: the counts are shown, and the check fails (nothing would train).
+    assert run(["data", "check", str(data_file), "--max-length", "20", "--overflow", "drop"]) == 1
+    out, err = capsys.readouterr()
+    assert "2 dropped as too long" in out and "no usable rows" in err
 
 
 def test_render_json(data_file, capsys):

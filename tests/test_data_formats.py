@@ -116,7 +116,7 @@ def test_data_error_lists_problems_and_says_what_to_do(tmp_path):
         tokenize_file(path)
     text = str(info.value)
     assert f"{path}:2: invalid JSON" in text and f"{path}:3: " in text
-    assert "skip_invalid=True (--skip-invalid)" in text
+    assert "skip invalid rows (counted) with DataOptions(skip_invalid=True)" in text
 
 
 def test_max_problems_stops_reading(tmp_path):

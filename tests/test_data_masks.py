@@ -112,8 +112,8 @@ LONG = {"messages": [{"role": "user", "content": "hi " * 200}, {"role": "assista
 def test_overflow_error_names_the_rows(tmp_path):
     path = write(tmp_path, [SHORT, LONG])
     n = len(rendered(LONG))
-    with pytest.raises(DataError, match=rf"{path}:2: {n} tokens, more than max_length=150; raise max_length, or set "
-                                        "overflow to 'truncate' or 'drop'"):
+    with pytest.raises(DataError, match=rf"(?s){path}:2: {n} tokens, more than the limit of 150\n.*raise "
+                                        r"DataOptions.max_length, or set overflow='truncate' or 'drop'"):
         tokenize_file(path, DataOptions(max_length=150))
 
 

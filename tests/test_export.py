@@ -15,7 +15,8 @@ from transformers import GptOssForCausalLM
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from osstune.checkpoint import load_model, save_model
-from osstune.export import add_command, export_merged
+from osstune.export import export_merged
+from osstune.export_cli import add_command
 from osstune.lora import LoraConfig, apply_lora, lora_parameters, save_adapter
 from osstune.model import GptOss, MXFP4Experts, init_weights
 from tests.hf import hf_model

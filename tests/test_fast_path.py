@@ -405,14 +405,27 @@ def test_trainer_on_gpu_uses_the_graphed_fast_path(tmp_path, monkeypatch):
         made.append(graphs.graphed_step(*args, **kwargs))
         return made[-1]
 
+    # fast="never" is the reference everywhere, the loss included: the loss kernel never runs.
+    from osstune.train import loss as loss_mod
+
+    kernel_calls = {"auto": 0, "never": 0}
+    real_kernel, running = loss_mod.chunked_cross_entropy_sum, {}
+
+    def counted(*args, **kwargs):
+        kernel_calls[running["fast"]] += 1
+        return real_kernel(*args, **kwargs)
+
+    monkeypatch.setattr(loss_mod, "chunked_cross_entropy_sum", counted)
     monkeypatch.setattr(trainer_mod, "build_data", lambda cfg: TrainData(Source(), [], "synthetic"))
     monkeypatch.setattr(trainer_mod, "graphed_step", spy)
     losses = {}
     for fast in ("auto", "never"):
+        running["fast"] = fast
         cfg = TrainConfig(model="tiny", output=str(tmp_path / fast), data=DataConfig(seq_len=256), steps=4, grad_accum=2,
                           optim=OptimConfig(lr=2e-3), lora=LoraConfig(r=8, alpha=16, targets="all"), fast=fast, device="cuda")
         losses[fast] = trainer_mod.train(cfg, quiet=True).losses
     assert len(made) == 1 and made[0] is not None and made[0].replays == 6  # 8 micro-steps, 2 eager warm-ups
+    assert kernel_calls["never"] == 0 and kernel_calls["auto"] > 0, kernel_calls
     # bf16 on both paths, the kernels' float32 accumulations differ from the reference's order.
     assert losses["auto"] == pytest.approx(losses["never"], rel=2e-2)
 

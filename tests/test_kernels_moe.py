@@ -51,9 +51,15 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 BF16_VS_LOOP = 1.5
 
 
-def _params():
-    out = [pytest.param("cpu", torch.float32, c, id=f"cpu-{c}") for c in CPU_CASES]
-    out += [pytest.param("cuda", torch.bfloat16, c, marks=pytest.mark.gpu, id=f"cuda-{c}") for c in GPU_CASES]
+def _params(cpu_cases=None, gpu_cases=None):
+    """(device, dtype, case, use_triton): on the CPU the Triton kernels (interpreter) and the
+    plain-PyTorch fallback, on CUDA the kernels only (the fallback is the CPU's; a CUDA "torch" case
+    would be skipped on every machine)."""
+    out = []
+    for c in CPU_CASES if cpu_cases is None else cpu_cases:
+        out += [pytest.param("cpu", torch.float32, c, t, id=f"cpu-{c}-{'triton' if t else 'torch'}") for t in (True, False)]
+    for c in GPU_CASES if gpu_cases is None else gpu_cases:
+        out.append(pytest.param("cuda", torch.bfloat16, c, True, marks=pytest.mark.gpu, id=f"cuda-{c}-triton"))
     return out
 
 
@@ -103,15 +109,12 @@ def _skip_unless_runnable(device: str) -> None:
         pytest.skip("CPU cases run on machines without a GPU")
 
 
-@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "torch"])
-@pytest.mark.parametrize("device,dtype,case", _params())
+@pytest.mark.parametrize("device,dtype,case,use_triton", _params())
 def test_matches_loop_reference(device, dtype, case, use_triton, monkeypatch):
     _skip_unless_runnable(device)
     if device == "cpu" and use_triton and triton_interpreter_problem():
         pytest.skip(triton_interpreter_problem())
     if not use_triton:
-        if device == "cuda":
-            pytest.skip("the PyTorch SwiGLU and combine are the CPU fallback")
         monkeypatch.setenv("TRITON_INTERPRET", "0")
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     idx, t, scale = _problem(case, gen)
@@ -251,14 +254,7 @@ def _call_mxfp4(fn, idx, t, packed, scale, dtype):
               packed["down_blocks"], packed["down_scales"], t["down_bias"], ALPHA, LIMIT, lora)
 
 
-def _mxfp4_params():
-    out = [pytest.param("cpu", torch.float32, c, id=f"cpu-{c}") for c in MXFP4_CPU_CASES]
-    out += [pytest.param("cuda", torch.bfloat16, c, marks=pytest.mark.gpu, id=f"cuda-{c}") for c in MXFP4_GPU_CASES]
-    return out
-
-
-@pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "torch"])
-@pytest.mark.parametrize("device,dtype,case", _mxfp4_params())
+@pytest.mark.parametrize("device,dtype,case,use_triton", _params(MXFP4_CPU_CASES, MXFP4_GPU_CASES))
 def test_mxfp4_matches_loop_over_decoded_weights(device, dtype, case, use_triton, monkeypatch):
     """moe_experts_mxfp4 vs the per-expert loop over independently decoded weights: output and the
     gradients of x, routing weights, biases and LoRA factors."""
@@ -266,8 +262,6 @@ def test_mxfp4_matches_loop_over_decoded_weights(device, dtype, case, use_triton
     if device == "cpu" and use_triton and triton_interpreter_problem():
         pytest.skip(triton_interpreter_problem())
     if not use_triton:
-        if device == "cuda":
-            pytest.skip("the plain-PyTorch paths are the CPU fallback")
         monkeypatch.setenv("TRITON_INTERPRET", "0")
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     idx, t, packed, scale = _mxfp4_problem(case, gen)

@@ -17,7 +17,7 @@ import zlib
 import pytest
 import torch
 
-from osstune.kernels._backend import triton_interpreter_problem
+from osstune.kernels._backend import triton_interpreter_problem, triton_interpreting
 
 # TRITON_INTERPRET=1 on CPU: set for the whole session in conftest.py.
 
@@ -113,8 +113,13 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 def _skip_unless(device: str, use_triton: bool) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    if device == "cpu" and use_triton and triton_interpreter_problem():
-        pytest.skip(triton_interpreter_problem())
+    if device == "cpu" and use_triton:
+        # conftest sets TRITON_INTERPRET=1 only where there is no GPU; with it off, a CPU tensor takes
+        # the reference path and the case would test the wrong thing (and fail its path check).
+        if not triton_interpreting():
+            pytest.skip("needs Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest on machines without a GPU)")
+        if triton_interpreter_problem():
+            pytest.skip(triton_interpreter_problem())
 
 
 def _cpu_params():

@@ -1,4 +1,4 @@
-"""AdamW with 8-bit moments (osstune/train/adam8.py, OptimConfig.moments="int8"): the quantization
+"""AdamW with 8-bit moments (osstune/kernels/adam8.py, OptimConfig.moments="int8"): the quantization
 maps, the update against a plain-PyTorch reference written here, its Triton kernel (interpreter on
 the CPU, compiled on a GPU), training quality against torch.optim.AdamW, offload, and exact resume
 through the trainer."""
@@ -11,7 +11,7 @@ import torch
 
 from osstune.kernels._backend import triton_interpreter_problem
 from osstune.train import trainer as trainer_mod
-from osstune.train.adam8 import BLOCK, AdamW8bit, dequantize_blockwise, quantize_blockwise, signed_map, unsigned_map
+from osstune.kernels.adam8 import BLOCK, AdamW8bit, dequantize_blockwise, quantize_blockwise, signed_map, unsigned_map
 from osstune.train.config import OptimConfig, TrainConfig
 from osstune.train.optim import MIN_8BIT_NUMEL, MasterAdamW
 from osstune.train.recipe import to_dict
@@ -353,7 +353,7 @@ def test_loading_moments_of_the_other_kind_is_refused():
 
 
 def test_moments_option_is_checked():
-    with pytest.raises(ValueError, match="optim.moments='int4'"):
+    with pytest.raises(ValueError, match="moments='int4': must be one of 'float32', 'int8'"):
         OptimConfig(moments="int4")
 
 

@@ -71,10 +71,10 @@ def test_resume_reproduces_the_uninterrupted_run(base, data, tmp_path):
 
 
 def test_gradient_accumulation_equals_one_larger_batch(base, data, tmp_path):
-    one = trainer_mod.train(_cfg(base, data, tmp_path / "a", micro_batch=2, grad_accum=1, steps=2,
-                                 lora=LoraConfig(r=4, targets="attention")), quiet=True)
-    two = trainer_mod.train(_cfg(base, data, tmp_path / "b", micro_batch=1, grad_accum=2, steps=2,
-                                 lora=LoraConfig(r=4, targets="attention")), quiet=True)
+    # warmup_steps must stay below steps (TrainConfig refuses an all-warmup run).
+    short = dict(steps=2, optim=OptimConfig(lr=5e-3, warmup_steps=1), lora=LoraConfig(r=4, targets="attention"))
+    one = trainer_mod.train(_cfg(base, data, tmp_path / "a", micro_batch=2, grad_accum=1, **short), quiet=True)
+    two = trainer_mod.train(_cfg(base, data, tmp_path / "b", micro_batch=1, grad_accum=2, **short), quiet=True)
     assert one.losses == pytest.approx(two.losses, rel=1e-5)
 
 
@@ -116,9 +116,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base, data, tmp_path,
     real = trainer_mod._batch_loss
     calls = {"n": 0}
 
-    def poisoned(model, batch, device):
+    def poisoned(model, batch, device, **k):
         calls["n"] += 1
-        loss = real(model, batch, device)
+        loss = real(model, batch, device, **k)
         return loss * float("nan") if calls["n"] == 4 else loss
 
     monkeypatch.setattr(trainer_mod, "_batch_loss", poisoned)
@@ -131,7 +131,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base, data, tmp_path,
 
 def test_resume_refuses_a_different_config_before_any_compute(base, data, tmp_path, monkeypatch):
     trainer_mod.train(_cfg(base, data, tmp_path / "run"), quiet=True, stop_after=2)
-    monkeypatch.setattr(trainer_mod, "_prepare_model", lambda *a: pytest.fail("model loaded"))
+    monkeypatch.setattr(trainer_mod, "_prepare_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ResumeError, match=r"optim.lr: checkpoint 0.005, now 0.001"):
         trainer_mod.train(_cfg(base, data, tmp_path / "run", optim=OptimConfig(lr=1e-3, warmup_steps=2)), resume=True)
     with pytest.raises(ResumeError, match="already holds a run"):
@@ -145,7 +145,7 @@ def test_invalid_data_fails_before_the_model_loads(base, tmp_path, monkeypatch):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "wizard", "content": "x"}]}\n')
-    monkeypatch.setattr(trainer_mod, "_prepare_model", lambda *a: pytest.fail("model loaded"))
+    monkeypatch.setattr(trainer_mod, "_prepare_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(DataError, match=r"bad.jsonl:2"):
         trainer_mod.train(_cfg(base, bad, tmp_path / "run"))
     with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
@@ -218,7 +218,8 @@ def test_qlora_and_bf16_lora_on_the_same_mxfp4_model_give_the_same_losses(data, 
 def test_qlora_with_mxfp4_attention_reports_the_error_and_trains(data, tmp_path, monkeypatch, capsys):
     from osstune.quant.linear import MXFP4Linear
 
-    _, model = _train_qlora(data, tmp_path, monkeypatch, steps=2, attention_weights="mxfp4")
+    _, model = _train_qlora(data, tmp_path, monkeypatch, steps=2, optim=OptimConfig(lr=5e-3, warmup_steps=1),
+                            attention_weights="mxfp4")
     assert all(isinstance(layer.self_attn.q_proj.base_layer, MXFP4Linear) for layer in model.model.layers)
     assert "attention projections stored as MXFP4 (lossy)" in capsys.readouterr().err
 
@@ -229,7 +230,7 @@ def test_mxfp4_attention_needs_qlora():
 
 
 def test_qlora_on_a_bf16_checkpoint_is_refused_before_compute(base, data, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "_prepare_model", lambda *a: pytest.fail("model loaded"))
+    monkeypatch.setattr(trainer_mod, "_prepare_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match="stores bf16 experts"):
         trainer_mod.train(_cfg(base, data, tmp_path / "run", method="qlora"))
 

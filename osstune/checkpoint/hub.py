@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from osstune.checkpoint.errors import CheckpointError
+from osstune.config import PRESETS
 
 # Only what a checkpoint needs at the top level of the repo: openai/gpt-oss-* also ship `original/`
 # (the same weights in another layout) and `metal/`, which would double the download.
@@ -34,6 +35,8 @@ def resolve_checkpoint(
     if path.exists():
         raise CheckpointError(f"{path}: is a file; pass the checkpoint directory that holds config.json")
     text = str(path_or_id)
+    if text in PRESETS:  # never a Hub lookup: a preset's name is not a repo id
+        raise CheckpointError(f"{text} is a preset (built in, with random weights), not a checkpoint directory or repo")
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
         raise CheckpointError(f"{text}: no such directory (and not a Hugging Face repo id like 'openai/gpt-oss-20b')")
     return _download(text, revision, cache_dir)

@@ -7,6 +7,7 @@ tensor; with a CUDA device the weights go to the GPU one tensor at a time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from pathlib import Path
 
@@ -80,13 +81,35 @@ def _build(source: TensorSource, cfg: ModelConfig, dtype, device, packed_experts
         raise CheckpointError(f"load_model(host=...): {unknown[0]!r} is not a tensor of this model; names look like "
                               f"{names[0]!r}")
     convert = LayoutConverter(source, cfg.expert_format, dtype, device)
-    for name in names:
-        _assign(model, name, convert.get(name, "cpu" if name in host else None))
+    try:
+        for name in names:
+            _assign(model, name, convert.get(name, "cpu" if name in host else None))
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        # The host allocator's failure is a plain RuntimeError ("DefaultCPUAllocator: not enough memory").
+        if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e).lower():
+            raise
+        raise CheckpointError(_out_of_memory(e, cfg, convert, device)) from None
     # Non-persistent buffers are not in checkpoints: recompute them on the target device.
     model.model.rotary = Rotary(cfg).to(device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not leftover, f"tensors left on the meta device after loading: {leftover[:5]}"
     return model.eval()
+
+
+def _out_of_memory(error: Exception, cfg: ModelConfig, convert: LayoutConverter, device: torch.device) -> str:
+    """What the model needs, where, and how to need less; then the allocator's own account."""
+    need = sum(math.prod(spec.shape) * convert.dtype(name).itemsize for name, spec in tensor_specs(cfg).items())
+    where = "GPU" if device.type == "cuda" else "host"
+    layout = "MXFP4 experts packed" if cfg.expert_format == "mxfp4" else "experts dense"
+    hint = (
+        "load with dtype=None to keep an MXFP4 checkpoint's experts packed (a quarter of the memory; "
+        "`--method qlora` trains that way), " if cfg.expert_format != "mxfp4" else ""
+    )
+    return (
+        f"out of {where} memory while loading the model: its weights take {need / 2**30:.1f} GiB as loaded "
+        f"({cfg.num_hidden_layers} layers, {layout}). To need less, {hint}use a smaller model, or a machine "
+        f"with more {where} memory.\nThe allocator said: {error}"
+    )
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:

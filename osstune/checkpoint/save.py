@@ -7,10 +7,8 @@ end (config.json last), so an interrupted save never leaves a directory that loo
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from osstune.atomic import atomic_dir
 from osstune.checkpoint.convert import LayoutConverter, TensorSource
 from osstune.checkpoint.errors import CheckpointError
 from osstune.checkpoint.layout import tensor_specs
@@ -218,22 +217,9 @@ def _write_json(path: Path, value: object) -> None:
 
 @contextmanager
 def _atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise CheckpointError(f"{target}: already exists and is not empty; choose another directory or overwrite it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = target.parent / f".{target.name}.partial-{tag}"
-    tmp.mkdir()
-    try:
+    if target.is_file() or target.is_symlink():
+        raise CheckpointError(f"{target}: is a file, not a directory; choose a directory for the checkpoint")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise CheckpointError(f"{target}: already exists and is not empty; choose another directory or pass --overwrite")
+    with atomic_dir(target, replace=True) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = target.parent / f".{target.name}.old-{tag}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old.is_dir():
-        shutil.rmtree(old)
-    elif old.exists():
-        old.unlink()

@@ -16,9 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from array import array
 from dataclasses import dataclass
 from importlib import metadata
@@ -26,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from osstune.atomic import atomic_dir, clean_leftovers
 from osstune.data.paths import cache_dir
 from osstune.data.pipeline import DataOptions, DataSummary, TokenizedRows
 from osstune.data.sources import resolve, source_digest
@@ -103,17 +101,13 @@ def build_cache(path: str | Path, options: DataOptions = DataOptions(), root: st
     final = root / key
     if (final / "manifest.json").is_file():
         return _named_for(TokenCache.open(final), path)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}."))
+    clean_leftovers(root)  # entries half-built by killed processes
     try:
-        _write_entry(path, options, key, tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "manifest.json").is_file():  # not a concurrent builder that won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(final) as tmp:
+            _write_entry(path, options, key, tmp)
+    except OSError:
+        if not (final / "manifest.json").is_file():  # not a concurrent builder that won the race
+            raise
     return TokenCache.open(final)
 
 

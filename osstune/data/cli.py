@@ -77,11 +77,13 @@ def run_check(args) -> int:
         for row in reader:
             lengths.append(len(row.ids))
     except DataError as e:
-        print(e, file=sys.stderr)
+        print(e.with_hint(skip="--skip-invalid", length="raise --max-length, or pass --overflow truncate or drop"), file=sys.stderr)
         return 1
     print(reader.summary.describe())
-    if lengths:
-        print(length_histogram(np.asarray(lengths)))
+    if not lengths:
+        print(f"osstune: error: {args.file}: no usable rows", file=sys.stderr)
+        return 1
+    print(length_histogram(np.asarray(lengths)))
     return 0
 
 

@@ -22,6 +22,9 @@ class RawRow:
     source: str = ""  # the file (or dataset split) the row comes from (sources.py)
     indexed: bool = False  # True for sources without lines (Parquet, `datasets`): `line` is an index
 
+    # False for the error of a file that has no rows at all (it is not a row read).
+    is_row: bool = True
+
     @property
     def location(self) -> str:
         """`file:line`, or `name[index]` for indexed sources."""
@@ -31,6 +34,8 @@ class RawRow:
 def read_rows(path: str | Path) -> Iterator[RawRow]:
     """Rows of a .jsonl or .json file. An empty file yields one RawRow carrying the error."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory; give a .jsonl or .json data file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     if path.suffix == ".json":
@@ -44,7 +49,8 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                text = raw.decode("utf-8")
+                # A byte-order mark some editors write at the start is not part of the row.
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 yield RawRow(number, None, f"not UTF-8 text (byte {e.start}); save the file as UTF-8")
                 seen = True
@@ -58,12 +64,12 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
             except json.JSONDecodeError as e:
                 yield RawRow(number, None, f"invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object")
     if not seen:
-        yield RawRow(1, None, "the file has no rows; a JSONL file needs one JSON object per line")
+        yield RawRow(1, None, "the file has no rows; a JSONL file needs one JSON object per line", is_row=False)
 
 
 def _read_json_list(path: Path) -> Iterator[RawRow]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         yield RawRow(1, None, f"not UTF-8 text (byte {e.start}); save the file as UTF-8")
         return
@@ -71,7 +77,7 @@ def _read_json_list(path: Path) -> Iterator[RawRow]:
     lines = _LineCounter(text)
     pos = _skip_space(text, 0)
     if pos == len(text):
-        yield RawRow(1, None, "the file is empty; a .json data file must hold a list of rows")
+        yield RawRow(1, None, "the file is empty; a .json data file must hold a list of rows", is_row=False)
         return
     if text[pos] != "[":
         yield RawRow(
@@ -80,7 +86,7 @@ def _read_json_list(path: Path) -> Iterator[RawRow]:
         return
     pos = _skip_space(text, pos + 1)
     if pos < len(text) and text[pos] == "]":
-        yield RawRow(lines.at(pos), None, "the list is empty: no rows")
+        yield RawRow(lines.at(pos), None, "the list is empty: no rows", is_row=False)
         return
     while True:
         try:

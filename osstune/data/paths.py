@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
+
+from osstune.atomic import write_bytes
 
 
 def cache_dir() -> Path:
@@ -19,18 +20,9 @@ def sample_dataset_path() -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename.
+    """Write `data` to `path` through a temporary file and a rename (osstune/atomic.py).
 
     Several processes (test workers, data-parallel ranks) may build the same cached file at once; the
     rename makes each reader see either no file or a complete one.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; cached and checkpoint files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(path, data)

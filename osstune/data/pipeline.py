@@ -115,6 +115,9 @@ class TokenizedRows:
                 notes.append(f"{raw.location}: {text}")
 
         for raw in read_source(self.path, parse_columns(o.columns)):
+            if not raw.is_row:  # a file with no rows: nothing to skip
+                problems.append(Problem(raw.source, raw.line, raw.error or "", raw.indexed, kind="file"))
+                break
             counts["rows"] += 1
             try:
                 if raw.error:
@@ -140,8 +143,8 @@ class TokenizedRows:
                     problems.append(
                         Problem(
                             raw.source, raw.line,
-                            f"{len(ids)} tokens, more than max_length={o.max_length}; raise max_length, "
-                            "or set overflow to 'truncate' or 'drop'", raw.indexed,
+                            f"{len(ids)} tokens, more than the limit of {o.max_length}", raw.indexed,
+                            kind="too_long",
                         )
                     )
                     if len(problems) >= o.max_problems:
@@ -166,10 +169,11 @@ class TokenizedRows:
             yield TokenizedRow(raw.line, ids, train)
 
         if problems:
-            hint = "Fix these rows, or pass skip_invalid=True (--skip-invalid) to skip invalid rows and count them."
-            if len(problems) >= o.max_problems:
-                hint = f"Stopped after {o.max_problems} problems. " + hint
-            raise DataError(problems, hint)
+            stopped = f"Stopped after {o.max_problems} problems. " if len(problems) >= o.max_problems else ""
+            raise DataError(problems, stopped).with_hint(
+                skip="DataOptions(skip_invalid=True)",
+                length="raise DataOptions.max_length, or set overflow='truncate' or 'drop' for rows over it",
+            )
         self.summary = DataSummary(str(self.path), **counts, ignored_keys=tuple(ignored), notes=tuple(notes))
         s = self.summary
         if s.kept < s.rows or s.truncated:

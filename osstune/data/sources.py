@@ -135,7 +135,7 @@ def read_source(spec: str, columns: dict[str, str] | None = None) -> Iterator[Ra
 def _rows(source: Source, columns: dict[str, str] | None = None) -> Iterator[RawRow]:
     if source.kind in ("jsonl", "json"):
         for raw in read_rows(source.name):
-            yield RawRow(raw.line, raw.value, raw.error, source=source.name)
+            yield RawRow(raw.line, raw.value, raw.error, source=source.name, is_row=raw.is_row)
     elif source.kind == "csv":
         yield from _read_csv(source, columns)
     elif source.kind == "parquet":
@@ -188,7 +188,8 @@ def _read_csv(source: Source, columns: dict[str, str] | None) -> Iterator[RawRow
         yield RawRow(line, None, f"invalid CSV ({e})", source=source.name)
         return
     if not seen:
-        yield RawRow(1, None, "the file has no rows; a CSV file needs a header line and one line per row", source=source.name)
+        yield RawRow(1, None, "the file has no rows; a CSV file needs a header line and one line per row",
+                     source=source.name, is_row=False)
 
 
 def _csv_row(record: dict, line: int, name: str) -> RawRow:

@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from osstune.errors import OsstuneError
 from osstune.fast.hooks import fast_attention, fast_experts, reference_reason
 from osstune.model import Attention, GptOss, MoE
 from osstune.offload import ActivationOffload, HostEmbedding
@@ -42,7 +43,7 @@ from osstune.offload import ActivationOffload, HostEmbedding
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # hidden (N, H), weight (V, H), labels (N,)
 
 
-class GraphCaptureError(RuntimeError):
+class GraphCaptureError(OsstuneError, RuntimeError):
     pass
 
 

@@ -8,11 +8,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from osstune.infer.generate import GenerationError, SamplingOptions
-from osstune.serve.types import RequestError
-
 if TYPE_CHECKING:
     from osstune.infer.chat import ChatSession
+    from osstune.infer.generate import SamplingOptions
 
 _HELP = "commands: /reset starts a new conversation, /exit (or end of input) quits"
 
@@ -49,6 +47,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    from osstune.infer.generate import SamplingOptions  # imported here: `osstune --help` loads no torch
+
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     sampling = SamplingOptions(
@@ -78,13 +78,14 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, stdout: Text
 def _run_local(args: argparse.Namespace, sampling: SamplingOptions, stdin: TextIO, stdout: TextIO) -> int:
     import torch
 
+    from osstune.device import pick_device
     from osstune.infer.chat import ChatSession, chat_engine
     from osstune.serve.engine import load_for_serving
 
     if args.adapter and not Path(args.adapter).is_dir():
         # Checked before loading the model, which can take minutes.
         raise ValueError(f"{args.adapter}: adapter directory not found (--adapter)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     print(f"loading {args.model} on {device}", file=sys.stderr)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load_for_serving(args.model, device=device, dtype=dtype)
@@ -128,10 +129,17 @@ def _converse(session, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) 
         if text.startswith("/") and " " not in text:
             print(f"unknown command {text}; {_HELP}", file=sys.stderr)
             continue
-        try:
-            _turn(session, text, args.show_reasoning, stdout)
-        except (GenerationError, RequestError) as e:  # e.g. the conversation outgrew the context: keep the session alive
-            print(f"error: {e} (/reset starts a new conversation)", file=sys.stderr)
+        _send(session, text, args.show_reasoning, stdout)
+
+
+def _send(session: ChatSession, text: str, show_reasoning: bool, out: TextIO) -> None:
+    from osstune.infer.generate import GenerationError
+    from osstune.serve.types import RequestError
+
+    try:
+        _turn(session, text, show_reasoning, out)
+    except (GenerationError, RequestError) as e:  # e.g. the conversation outgrew the context: keep the session alive
+        print(f"error: {e} (/reset starts a new conversation)", file=sys.stderr)
 
 
 def _turn(session: ChatSession, text: str, show_reasoning: bool, out: TextIO) -> None:

@@ -1,4 +1,4 @@
-"""Triton body of the 8-bit AdamW step (launcher and plain-PyTorch reference in osstune/train/adam8.py).
+"""Triton body of the 8-bit AdamW step (launcher and plain-PyTorch reference in osstune/kernels/adam8.py).
 
 One launch updates every tensor of the optimizer: one program per quantization block of BLOCK
 values. A program finds its tensor through a block -> tensor table, reads that tensor's master and

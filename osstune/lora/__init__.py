@@ -6,11 +6,22 @@
     merge_lora(model)                               # fold into the base weights for export
 """
 
-from osstune.lora.apply import apply_lora, dequantize_experts, lora_parameters, mark_trainable, merge_lora
-from osstune.lora.config import ATTENTION_KINDS, EXPERT_KINDS, AdapterError, LoraConfig
-from osstune.lora.layers import LoRAExperts, LoRALinear
-from osstune.lora.load import load_adapter
-from osstune.lora.save import adapter_config, adapter_state_dict, save_adapter
+import importlib
+
+# Imported on first use (PEP 562), so that a config that names LoraConfig does not import torch.
+_HOMES = {
+    "apply_lora": "apply", "dequantize_experts": "apply", "lora_parameters": "apply", "mark_trainable": "apply",
+    "merge_lora": "apply", "ATTENTION_KINDS": "config", "EXPERT_KINDS": "config", "AdapterError": "config",
+    "LoraConfig": "config", "LoRAExperts": "layers", "LoRALinear": "layers", "load_adapter": "load",
+    "adapter_config": "save", "adapter_state_dict": "save", "save_adapter": "save",
+}  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'osstune.lora' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"osstune.lora.{_HOMES[name]}"), name)
+
 
 __all__ = [
     "ATTENTION_KINDS",

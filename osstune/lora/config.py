@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from osstune.fields import bounded, check_fields
+
 ATTENTION_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT_KINDS = ("gate_up_proj", "down_proj")
 TARGET_GROUPS = {
@@ -34,9 +36,9 @@ class LoraConfig:
     (no low-rank pair): the router is (E, H) per layer, the sinks one logit per head.
     """
 
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.0
+    r: int = bounded(8, ge=1)
+    alpha: float = bounded(16, gt=0)
+    dropout: float = bounded(0.0, ge=0.0, lt=1.0)
     rslora: bool = False
     targets: str | tuple[str, ...] = "attention"
     train_router: bool = False
@@ -45,12 +47,7 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRA rank r={self.r!r} must be a positive integer")
-        if not self.alpha > 0:
-            raise ValueError(f"LoRA alpha={self.alpha!r} must be positive")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout={self.dropout!r} must be in [0, 1)")
+        check_fields(self)
         if isinstance(self.targets, str):
             if self.targets not in TARGET_GROUPS:
                 raise ValueError(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from osstune.atomic import write_with
 from osstune.lora.config import ATTENTION_KINDS, EXPERT_KINDS, LoraConfig
 from osstune.lora.peft_names import CONFIG_NAME, WEIGHTS_NAME, adapted_paths, extra_keys, factor, slots, to_peft
 from osstune.model import GptOss
@@ -72,18 +72,6 @@ def adapter_config(model: GptOss, base_model: str | None = None) -> dict[str, An
     }
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename over `path`: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _write_tokenizer(out: Path, base_model: str | None) -> None:
     """The base checkpoint's tokenizer files when `base_model` is a directory holding them (plus our
     chat template if it has none), else the built-in gpt-oss tokenizer's."""
@@ -113,7 +101,7 @@ def save_adapter(model: GptOss, out_dir: str | os.PathLike, base_model: str | No
     _write_tokenizer(out, base_model)
     config = adapter_config(model, base_model)
     sd = adapter_state_dict(model)
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata={"format": "pt"}))
+    write_with(out / WEIGHTS_NAME, lambda p: save_file(sd, p, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    write_with(out / CONFIG_NAME, lambda p: p.write_text(text))
     return out

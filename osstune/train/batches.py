@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from osstune.data import DataOptions, PackedLoader, build_cache
+from osstune.data.errors import DataError
 from osstune.data.packing import IGNORE, PackedBatch
 from osstune.train.config import TrainConfig
 
@@ -81,16 +82,26 @@ def _options(cfg: TrainConfig) -> DataOptions:
     )
 
 
+def _cache(path: str, options: DataOptions):
+    try:
+        return build_cache(path, options)
+    except DataError as e:  # the remedies as `osstune train` and recipes spell them
+        raise e.with_hint(
+            skip="--skip-invalid (data.skip_invalid: true in a recipe)",
+            length="raise --seq-len, or --set data.overlong=truncate or drop for rows over it",
+        ) from None
+
+
 def build_data(cfg: TrainConfig) -> TrainData:
     """Validate and tokenize (cached on disk), split off eval rows, and set up packing.
     Raises osstune.data.DataError listing `file:line: reason` for invalid data."""
     options = _options(cfg)
-    cache = build_cache(cfg.data.path, options)
+    cache = _cache(cfg.data.path, options)
     rows = np.arange(len(cache))
     eval_batches: list[Batch] = []
     summary = cache.summary.describe().splitlines()[0]
     if cfg.data.eval_path:
-        eval_cache = build_cache(cfg.data.eval_path, options)
+        eval_cache = _cache(cfg.data.eval_path, options)
         eval_rows = _Rows(eval_cache, np.arange(len(eval_cache)))
     elif cfg.data.eval_fraction:
         perm = np.random.default_rng([cfg.seed, 7]).permutation(len(cache))

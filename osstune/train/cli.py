@@ -8,48 +8,72 @@ import sys
 
 import yaml
 
-# Flags that are shortcuts for recipe keys; anything else goes through --set key.sub=value.
+# Flags that are shortcuts for config keys, with their help; each flag's type and choices come from
+# the TrainConfig field it sets (osstune/train/config.py). Any other key: --set key.sub=value.
 _SHORTCUTS = {
-    "model": "model",
-    "data": "data.path",
-    "eval_data": "data.eval_path",
-    "method": "method",
-    "output": "output",
-    "steps": "steps",
-    "lr": "optim.lr",
-    "seq_len": "data.seq_len",
-    "rank": "lora.r",
-    "targets": "lora.targets",
-    "seed": "seed",
-    "device": "device",
-    "report_to": "report_to",
+    "model": ("model", "checkpoint dir, Hugging Face id or preset (tiny, gpt-oss-20b, gpt-oss-120b)"),
+    "data": ("data.path", "training data: .jsonl/.json/.csv/.parquet file(s) (comma-separated or a glob), a "
+             "directory saved by datasets, or hf:org/name[:config][@split] (docs/DATA.md)"),
+    "eval_data": ("data.eval_path", "held-out data for eval loss"),
+    "method": ("method", "what trains: LoRA adapters, LoRA over frozen MXFP4 experts, or every weight"),
+    "output": ("output", "run directory: checkpoints, metrics.jsonl, loss.png, the adapter or model"),
+    "steps": ("steps", "optimizer steps"),
+    "lr": ("optim.lr", "peak learning rate"),
+    "seq_len": ("data.seq_len", "tokens per packed sequence"),
+    "rank": ("lora.r", "LoRA rank"),
+    "targets": ("lora.targets", "LoRA targets: attention, experts or all"),
+    "seed": ("seed", "random seed (weights of new adapters, data order)"),
+    "device": ("device", "auto, cpu, cuda or cuda:N"),
+    "report_to": ("report_to", "also log metrics to tensorboard and/or wandb (comma-separated)"),
+    "skip_invalid": ("data.skip_invalid", "skip invalid data rows (counted and reported) instead of failing"),
 }
 
 
+def _field_type(key: str):
+    import typing
+
+    from osstune.train.config import TrainConfig
+
+    cls, tp = TrainConfig, None
+    for part in key.split("."):
+        tp = typing.get_type_hints(cls)[part]
+        cls = tp
+    return tp
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    import typing
+
+    from osstune.train.config import TrainConfig
+    from osstune.train.recipe import to_dict
+
     p = sub.add_parser(
         "train",
         help="fine-tune a gpt-oss model (LoRA, QLoRA or full) on a chat dataset",
         description="Fine-tune with a YAML recipe (--config) plus flags; precedence: defaults < recipe < flags < --set.",
     )
-    p.add_argument("--model", help="checkpoint dir, Hugging Face id or preset (tiny, gpt-oss-20b, gpt-oss-120b)")
-    p.add_argument("--data", help="training data: .jsonl/.json/.csv/.parquet file(s) (comma-separated or a glob), "
-                   "a directory saved by datasets, or hf:org/name[:config][@split] (docs/DATA.md)")
-    p.add_argument("--eval-data", dest="eval_data", help="held-out data for eval loss")
-    p.add_argument("--method", choices=("lora", "qlora", "full"))
-    p.add_argument("--output", help="run directory: checkpoints, metrics.jsonl, loss.png, the adapter or model")
-    p.add_argument("--config", help="YAML recipe (see osstune/recipes/)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seq-len", dest="seq_len", type=int)
-    p.add_argument("--rank", type=int, help="LoRA rank")
-    p.add_argument("--targets", help="LoRA targets: attention, experts or all")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device")
-    p.add_argument("--report-to", dest="report_to", type=lambda s: [x for x in s.split(",") if x],
-                   help="also log metrics to tensorboard and/or wandb (comma-separated)")
+    defaults = to_dict(TrainConfig())
+    for flag, (key, text) in _SHORTCUTS.items():
+        tp = _field_type(key)
+        default = defaults
+        for part in key.split("."):
+            default = default[part]
+        said = [key] if key != flag else []
+        shown = default is not None and default is not False and not (isinstance(default, (str, list)) and not default)
+        said += [f"default {default}"] if shown else []
+        kw: dict = {"dest": flag, "help": f"{text} ({', '.join(said)})" if said else text}
+        if typing.get_origin(tp) is typing.Literal:
+            kw["choices"] = typing.get_args(tp)
+        elif typing.get_origin(tp) is tuple:
+            kw["type"] = lambda s: [x for x in s.split(",") if x]  # a list, checked by TrainConfig
+        elif tp in (int, float):
+            kw["type"] = tp
+        elif tp is bool:
+            kw.update(action="store_true", default=None)
+        p.add_argument("--" + flag.replace("_", "-"), **kw)
+    p.add_argument("--config", help="YAML recipe: a file, or a shipped recipe's name (gpt-oss-20b-qlora, ...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any recipe key, e.g. --set optim.warmup_steps=10 (repeatable)")
+                   help="any config key, e.g. --set optim.warmup_steps=10 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its latest checkpoint")
     p.add_argument("--stop-after", dest="stop_after", type=int, help="stop this invocation after N steps (with a checkpoint)")
     p.add_argument("--plan", choices=("auto", "check"),
@@ -57,7 +81,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "one predicted not to fit, before loading the model")
     p.add_argument("--gpu-memory-limit", dest="gpu_memory_limit", metavar="SIZE",
                    help="use at most SIZE of the GPU (e.g. 24GB): check a smaller card's fit on a bigger one")
-    p.add_argument("--print-config", action="store_true", help="print the resolved recipe as YAML and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--nproc", type=int, help="train in N processes on this machine (one per GPU), started with torchrun")
     p.set_defaults(func=run_train)
@@ -65,20 +89,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def resolve_config(args: argparse.Namespace):
     from osstune.train.config import TrainConfig
-    from osstune.train.recipe import apply_override, from_dict, load_yaml, set_path, to_dict
+    from osstune.train.recipe import apply_override, from_dict, key_lines, load_yaml, merge, set_path, to_dict
 
     data = to_dict(TrainConfig())
+    lines: dict[str, str] = {}
     if args.config:
-        from osstune.train.recipe import merge
-
         data = merge(data, load_yaml(args.config))
-    for flag, key in _SHORTCUTS.items():
+        lines = key_lines(args.config)  # a bad value from the recipe is reported at its line
+    overridden = []
+    for flag, (key, _) in _SHORTCUTS.items():
         value = getattr(args, flag, None)
         if value is not None:
             set_path(data, key, value)
+            overridden.append(key)
     for override in args.overrides:
         apply_override(data, override)
-    return from_dict(TrainConfig, data, where=args.config or "options")
+        overridden.append(override.partition("=")[0])
+    for key in overridden:  # ... unless the command line replaced it
+        lines = {k: v for k, v in lines.items() if k != key and not k.startswith(key + ".")}
+    where = " + ".join(filter(None, [args.config, "command line" if overridden or not args.config else ""]))
+    return from_dict(TrainConfig, data, where=where, lines=lines)
 
 
 def _plan_and_limit(cfg, args: argparse.Namespace):

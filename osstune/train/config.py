@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from osstune.lora import LoraConfig
+from osstune.fields import bounded, check_fields
+from osstune.lora.config import LoraConfig
 from osstune.parallel.config import ParallelConfig
 
 
@@ -14,9 +15,9 @@ class DataConfig:
     path: str = ""
     # A separate eval file, or a fraction of the training rows held out (by seed) for eval loss.
     eval_path: str | None = None
-    eval_fraction: float = 0.0
+    eval_fraction: float = bounded(0.0, ge=0.0, lt=1.0)
     # Tokens per packed sequence; rows are packed into it without attention crossing rows.
-    seq_len: int = 2048
+    seq_len: int = bounded(2048, ge=2)
     # What to do with a row longer than seq_len: "error", "truncate" or "drop".
     overlong: Literal["error", "truncate", "drop"] = "truncate"
     # Which assistant messages are trained: the last turn (default), its final answers, or all
@@ -26,28 +27,36 @@ class DataConfig:
     # Source columns read as osstune's keys, "KEY=COLUMN" (e.g. prompt=question); docs/DATA.md.
     columns: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.eval_path and self.eval_fraction:
+            raise ValueError("set data.eval_path or data.eval_fraction, not both")
+
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 2e-4
-    weight_decay: float = 0.0
+    lr: float = bounded(2e-4, gt=0.0)
+    weight_decay: float = bounded(0.0, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    eps: float = bounded(1e-8, gt=0.0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
+    # Steps of linear warmup from 0; fewer than TrainConfig.steps.
+    warmup_steps: int = bounded(0, ge=0)
     # The schedule decays to lr * min_lr_ratio at the last step.
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
+    min_lr_ratio: float = bounded(0.1, ge=0.0, le=1.0)
+    # Gradients are scaled down to this global L2 norm when above it.
+    max_grad_norm: float = bounded(1.0, gt=0.0)
     # AdamW's two moments: "float32" (8 bytes a trainable value), or "int8": block-wise 8-bit codes,
     # one float32 absmax per 256 values (about 2 bytes a value; 0.69 -> 0.18 GiB for LoRA r=8 on
     # attention + experts of gpt-oss-20b). Lossy: each step re-rounds the moments to the nearest of
     # 256 levels (Dettmers et al. 2022). Tensors under 4,096 values keep float32 moments
-    # (osstune/train/adam8.py, osstune/train/optim.py).
+    # (osstune/kernels/adam8.py, osstune/train/optim.py).
     moments: Literal["float32", "int8"] = "float32"
 
     def __post_init__(self) -> None:
-        if self.moments not in ("float32", "int8"):
-            raise ValueError(f"optim.moments={self.moments!r}; use 'float32' or 'int8'")
+        check_fields(self)
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={list(self.betas)}: each must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,9 @@ class MemoryConfig:
     # as a CUDA graph (host copies cannot be). Needs gradient_checkpointing.
     activations: Literal["gpu", "cpu"] = "gpu"
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -89,10 +101,10 @@ class TrainConfig:
     attention_weights: Literal["bf16", "mxfp4"] = "bf16"
     # Full fine-tuning: which weights train; names are matched as substrings ("all" = everything).
     full_targets: tuple[str, ...] = ("all",)
-    steps: int = 100
+    steps: int = bounded(100, ge=1)
     # Packed sequences per optimizer step = micro_batch * grad_accum.
-    micro_batch: int = 1
-    grad_accum: int = 1
+    micro_batch: int = bounded(1, ge=1)
+    grad_accum: int = bounded(1, ge=1)
     gradient_checkpointing: bool = True
     # What the checkpoint keeps on the fast path: "layer" recomputes each decoder layer in the
     # backward (least memory); "keep_expert_gemms" keeps the outputs of the base expert GEMMs (bf16
@@ -107,37 +119,33 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: str = "auto"
     seed: int = 0
-    log_every: int = 1
+    log_every: int = bounded(1, ge=1)
     # Where the logged metrics also go, besides metrics.jsonl: "tensorboard" (<output>/tensorboard)
     # and/or "wandb" (WANDB_MODE=offline respected); osstune/train/report.py.
     report_to: tuple[Literal["tensorboard", "wandb"], ...] = ()
-    eval_every: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
+    # Eval loss every eval_every steps and at the end (0: never; needs data.eval_path or eval_fraction).
+    eval_every: int = bounded(0, ge=0)
+    # A checkpoint every save_every steps and every save_minutes of training (0 turns either off),
+    # on SIGINT/SIGTERM, and at the end: an interrupted run resumes with --resume.
+    save_every: int = bounded(500, ge=0)
+    save_minutes: float = bounded(30.0, ge=0.0)
+    # How many of the newest checkpoints are kept (0: all).
+    keep_checkpoints: int = bounded(2, ge=0)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.data.seq_len < 2:
-            raise ValueError(f"data.seq_len must be at least 2, got {self.data.seq_len}")
-        if not 0.0 <= self.data.eval_fraction < 1.0:
-            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
-        if self.data.eval_path and self.data.eval_fraction:
-            raise ValueError("set data.eval_path or data.eval_fraction, not both")
-        if self.optim.warmup_steps > self.steps:
-            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}")
+        check_fields(self)
+        if self.optim.warmup_steps >= self.steps:
+            raise ValueError(
+                f"optim.warmup_steps={self.optim.warmup_steps} must be fewer than steps={self.steps} "
+                "(the learning rate would never reach optim.lr)"
+            )
         if self.method != "full" and self.full_targets != ("all",):
             raise ValueError(f"full_targets only applies to method 'full', not {self.method!r}")
-        if self.attention_weights not in ("bf16", "mxfp4"):
-            raise ValueError(f"attention_weights={self.attention_weights!r}; use 'bf16' or 'mxfp4'")
         if self.attention_weights == "mxfp4" and self.method != "qlora":
             raise ValueError(
                 f"attention_weights='mxfp4' stores frozen attention weights in 4 bits, which only method 'qlora' "
                 f"trains on; method is {self.method!r}. Use --method qlora or attention_weights='bf16'"
             )
-        if self.checkpoint_policy not in ("layer", "keep_expert_gemms"):
-            raise ValueError(f"checkpoint_policy={self.checkpoint_policy!r}; use 'layer' or 'keep_expert_gemms'")
         if self.checkpoint_policy == "keep_expert_gemms" and (
             not self.gradient_checkpointing or self.fast == "never" or self.memory.activations == "cpu"
         ):
@@ -165,7 +173,7 @@ class TrainConfig:
 # Fields that may differ when a run is resumed (they do not change what was computed so far).
 # A field missing from an older checkpoint's config counts as its default (trainer._check_resume).
 RESUMABLE_CHANGES = frozenset({
-    "steps", "log_every", "report_to", "eval_every", "save_every", "keep_checkpoints", "device", "fast", "checkpoint_policy",
+    "steps", "log_every", "report_to", "eval_every", "save_every", "save_minutes", "keep_checkpoints", "device", "fast", "checkpoint_policy",
     "memory.embedding", "memory.optimizer", "memory.activations",
     "parallel.reshard_after_forward", "parallel.offload", "parallel.comm_every",
 })  # fmt: skip

@@ -1,6 +1,6 @@
 """Next-token cross-entropy from hidden states, a chunk of tokens at a time.
 
-`cross_entropy_sum` is the one place that picks the implementation: on CUDA the fused chunked
+`cross_entropy_sum` follows the run's backend decision (`kernel`); by default, on CUDA the fused chunked
 kernel (`osstune.kernels.chunked_cross_entropy_sum`: logits, loss and gradients per chunk, float32
 logits, no boolean indexing, so no host sync), tested against the reference; elsewhere the
 reference below. The reference: when the float32 logits of all trained tokens would exceed
@@ -20,15 +20,22 @@ IGNORE = -100
 
 
 def cross_entropy_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None, budget: int = 1 << 30
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int | None = None,
+    budget: int = 1 << 30,
+    kernel: bool | None = None,
 ) -> torch.Tensor:
     """hidden (N, H), weight (V, H), labels (N,) with -100 = not trained -> summed loss (float32).
     chunk: tokens per chunk; default: the kernel's memory-bounded choice on CUDA, 2048 elsewhere.
+    kernel: the run's backend decision (TrainConfig.fast, decided once by the trainer); False is the
+    reference even on CUDA. None: the kernel on CUDA tensors.
 
     On CUDA the kernel computes the gradients during this call (they are the backward's only
     work), so call it where a backward follows, or under torch.no_grad (then it skips them).
     """
-    if hidden.is_cuda:
+    if hidden.is_cuda if kernel is None else kernel and hidden.is_cuda:
         total, _ = chunked_cross_entropy_sum(hidden, weight, labels, IGNORE, chunk)
         return total
     return cross_entropy_sum_ref(hidden, weight, labels, chunk or 2048, budget)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from osstune.train.adam8 import AdamW8bit
+from osstune.kernels.adam8 import AdamW8bit
 from osstune.train.config import OptimConfig
 
 # optim.moments="int8": tensors with fewer values keep float32 moments (bitsandbytes' threshold for
@@ -49,7 +49,7 @@ class MasterAdamW:
     CPU's reductions and AdamW kernels are not the GPU's), and so is the checkpoint state: a run can
     resume with the other setting.
 
-    cfg.moments="int8": AdamW8bit (osstune/train/adam8.py) keeps the moments of every master of at
+    cfg.moments="int8": AdamW8bit (osstune/kernels/adam8.py) keeps the moments of every master of at
     least MIN_8BIT_NUMEL values in 8 bits (2.03 bytes a value instead of 8), torch.optim.AdamW the
     rest; same update rule, lossy moments. With offload the codes live in host memory beside the
     masters and the update runs on the CPU in plain PyTorch; on a GPU it is one Triton launch.

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
+
+from osstune.atomic import write_bytes
 
 
 def _duration(seconds: float) -> str:
@@ -67,22 +70,42 @@ class Progress:
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step; flushed each time, so a crash keeps what was logged."""
+    """Appends one JSON object per logged step; flushed each time, so a crash keeps what was logged.
+    A crash in the middle of a write leaves a torn last line: it is dropped (with a warning) on
+    resume, since the checkpoint's step, not the log, says where the run is."""
 
     def __init__(self, path: Path, resume_from_step: int = 0) -> None:
         self.path = path
         if path.exists():
             # On resume keep the history up to the checkpoint; drop lines from the lost tail.
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_from_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for r, line in self._records() if r.get("step", 0) <= resume_from_step]
+            write_bytes(path, "".join(line + "\n" for line in kept).encode())
         self.f = open(path, "a")
+
+    def _records(self) -> list[tuple[dict[str, Any], str]]:
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        out = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                out.append((json.loads(line), line))
+            except json.JSONDecodeError as e:
+                if i == len(lines) - 1:
+                    warnings.warn(f"{self.path}:{i + 1}: dropped a torn last line (a write cut short): {line[:60]!r}")
+                    break
+                raise ValueError(
+                    f"{self.path}:{i + 1}: not a JSON record ({e.msg}); metrics.jsonl is osstune's log of the run, "
+                    "fix or delete that line"
+                ) from None
+        return out
 
     def write(self, record: dict[str, Any]) -> None:
         self.f.write(json.dumps(record) + "\n")
         self.f.flush()
 
     def read(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [r for r, _ in self._records()]
 
     def close(self) -> None:
         self.f.close()

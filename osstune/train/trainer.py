@@ -15,12 +15,15 @@ from pathlib import Path
 import torch
 
 from osstune import parallel
+from osstune.device import pick_device
+from osstune.errors import Interrupted, OsstuneError
 from osstune.fast import FastPathOptions, enable_fast_path, graphed_step, use_fast_path
 from osstune.offload import HostEmbedding, offload_activations, offload_embedding
 from osstune.train import sharded
 from osstune.train import state as ckpt
 from osstune.train.batches import Batch, build_data
 from osstune.train.config import RESUMABLE_CHANGES, TrainConfig
+from osstune.train.interrupt import StopRequest
 from osstune.train.loss import cross_entropy_sum
 from osstune.train.optim import MasterAdamW, lr_at
 from osstune.train.plot import plot_loss
@@ -29,7 +32,7 @@ from osstune.train.recipe import to_dict
 from osstune.train.report import Reporter, check_reporters
 
 
-class TrainError(RuntimeError):
+class TrainError(OsstuneError, RuntimeError):
     pass
 
 
@@ -44,9 +47,7 @@ class TrainResult:
 
 
 def resolve_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {cfg.device!r} was asked for but no CUDA GPU is available")
+    device = pick_device(cfg.device, option="device")
     if cfg.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -101,10 +102,12 @@ def _prepare_model(
     dtype: torch.dtype,
     notes: list[str] | None = None,
     load_device: torch.device | None = None,
+    fast: bool | None = None,
 ) -> torch.nn.Module:
     """The model as `cfg` trains it; what the user should know about it is appended to `notes`.
     load_device: where the weights are loaded (default `device`); a sharded run loads them into host
-    memory and FSDP moves each rank's shards to its GPU, so no GPU ever holds the whole model."""
+    memory and FSDP moves each rank's shards to its GPU, so no GPU ever holds the whole model.
+    fast: the run's backend decision (default: use_fast_path(cfg.fast, device))."""
     from osstune.checkpoint import load_model
 
     # QLoRA, and full fine-tuning that leaves the experts frozen, keep MXFP4 experts packed as
@@ -142,12 +145,12 @@ def _prepare_model(
     model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.memory.activations == "cpu":
         offload_activations(model)
-    if use_fast_path(cfg.fast, device):
+    if use_fast_path(cfg.fast, device) if fast is None else fast:
         enable_fast_path(model, FastPathOptions(checkpoint=cfg.checkpoint_policy))
     return model
 
 
-def _batch_loss(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+def _batch_loss(model: torch.nn.Module, batch: Batch, device: torch.device, kernel: bool | None = None) -> torch.Tensor:
     # A host-memory embedding takes the ids where they are (sending them over and back would sync).
     on_host = isinstance(model.model.embed_tokens, HostEmbedding)
     hidden = model(
@@ -157,18 +160,20 @@ def _batch_loss(model: torch.nn.Module, batch: Batch, device: torch.device) -> t
         return_hidden=True,
     )
     labels = batch.labels.to(device)
-    return cross_entropy_sum(hidden.flatten(0, 1), model.lm_head.weight, labels.flatten())
+    return cross_entropy_sum(hidden.flatten(0, 1), model.lm_head.weight, labels.flatten(), kernel=kernel)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[Batch], device: torch.device) -> float | None:
+def evaluate(
+    model: torch.nn.Module, batches: list[Batch], device: torch.device, kernel: bool | None = None
+) -> float | None:
     if not batches:
         return None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        total += float(_batch_loss(model, batch, device))
+        total += float(_batch_loss(model, batch, device, kernel))
         count += batch.num_trained
     model.train(was_training)
     return total / max(count, 1)
@@ -194,23 +199,31 @@ def _train(
     device = world.device
     quiet = quiet or not world.is_main  # logs, metrics and artifacts come from the main rank only
     sharded.check_options(cfg, world)
+    # The one decision of the run between osstune's kernels and the reference (model, loss, graphs).
+    fast = use_fast_path(cfg.fast, device)
 
     # Everything that can fail on the user's input fails here, before any model is loaded.
-    previous = ckpt.latest_checkpoint(ckpt_root) if ckpt_root.exists() else None
-    if resume and previous is None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} is a file; --output names the run's directory")
+    exists = ckpt.has_checkpoint(ckpt_root)
+    if resume and not exists:
         raise ckpt.ResumeError(f"--resume: no checkpoint in {ckpt_root}; start without --resume")
-    if not resume and previous is not None:
+    if not resume and exists:
         raise ckpt.ResumeError(
-            f"{out} already holds a run (latest checkpoint {previous.name}); pass --resume to continue it "
+            f"{out} already holds a run (checkpoints in {ckpt_root}); pass --resume to continue it "
             "or choose another --output"
         )
-    saved = None
+    saved, previous = None, None
     if resume and world.distributed:
+        previous = ckpt.latest_checkpoint(ckpt_root)
         saved = previous
         _check_resume(cfg, sharded.saved_config(previous, world))
     elif resume:
-        sharded.refuse_sharded(previous)
-        saved = ckpt.load_checkpoint(previous)
+        try:
+            sharded.refuse_sharded(ckpt.latest_checkpoint(ckpt_root))
+        except ckpt.ResumeError:
+            pass  # `latest` names a missing checkpoint: load_latest falls back, saying so
+        previous, saved = ckpt.load_latest(ckpt_root)
         _check_resume(cfg, saved[0].config)
     _check_method(cfg)
     check_reporters(cfg.report_to)
@@ -218,7 +231,7 @@ def _train(
 
     torch.manual_seed(cfg.seed)
     notes: list[str] = []
-    model = _prepare_model(cfg, device, dtype, notes, torch.device("cpu") if world.distributed else None)
+    model = _prepare_model(cfg, device, dtype, notes, torch.device("cpu") if world.distributed else None, fast=fast)
     model = parallel.parallelize(model, world, dtype)
     if world.distributed:
         torch.manual_seed(cfg.seed + 1 + world.rank)  # every rank its own dropout masks
@@ -229,7 +242,7 @@ def _train(
     # Forward + loss + backward as one CUDA graph replay (osstune/fast/graphs.py); None: eager.
     # One process only: FSDP's hooks and collectives are not recorded into the graph.
     graphed = None
-    if use_fast_path(cfg.fast, device) and not world.distributed:
+    if fast and not world.distributed:
         graphed = graphed_step(model, cross_entropy_sum)
     comm = parallel.CommMeter(cfg.parallel.comm_every if world.distributed else 0, device)
 
@@ -274,8 +287,10 @@ def _train(
     losses: list[float] = []
     eval_loss = None
     last_saved = previous
-    t_last = time.perf_counter()
-    tokens_since = 0
+    t_last = t_saved = time.perf_counter()
+    tokens_since = step_tokens = 0
+    # SIGINT/SIGTERM: the step finishes, is saved, and the run ends with how to resume (interrupt.py).
+    stop = StopRequest().install()
     try:
         end = cfg.steps if stop_after is None else min(cfg.steps, start_step + stop_after)
         for step in range(start_step, end):
@@ -283,12 +298,13 @@ def _train(
             # The global batch: this rank computes its share, n_trained counts the whole batch.
             micro = [data.train.next_batch() for _ in range(cfg.grad_accum * world.dp_size)]
             n_trained = sum(b.num_trained for b in micro)
+            step_tokens = sum(b.num_tokens for b in micro)
             step_loss = 0.0
             for batch in parallel.share(micro, world):
                 if graphed is not None:  # also runs the backward
                     loss_sum = graphed(batch.input_ids, batch.position_ids, batch.doc_ids, batch.labels, n_trained)
                 else:
-                    loss_sum = _batch_loss(model, batch, device)
+                    loss_sum = _batch_loss(model, batch, device, kernel=fast)
                 if not math.isfinite(loss_sum.item()):
                     kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written yet"
                     raise TrainError(
@@ -306,14 +322,13 @@ def _train(
                 raise TrainError(f"gradient norm became {grad_norm} at step {step + 1}; lower optim.lr or check the data")
             loss = step_loss / n_trained
             losses.append(loss)
-            step_tokens = sum(b.num_tokens for b in micro)
             tokens_seen += step_tokens
             tokens_since += step_tokens
             done = step + 1
 
             record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen}
             if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-                eval_loss = evaluate(model, data.eval, device)
+                eval_loss = evaluate(model, data.eval, device, kernel=fast)
                 record["eval_loss"] = eval_loss
             # The first step is always logged, so the loss curve starts where training started.
             if done % cfg.log_every == 0 or done in (start_step + 1, cfg.steps) or "eval_loss" in record:
@@ -328,17 +343,28 @@ def _train(
                     metrics.write(record)
                 report.log(done, record)
                 progress.update(done, record)
-            if (cfg.save_every and done % cfg.save_every == 0) or done == end:
+            # Saved by steps, by time (a long run never risks more than save_minutes of work), on a
+            # stop signal, and at the end of this invocation.
+            due_by_time = cfg.save_minutes > 0 and time.perf_counter() - t_saved >= cfg.save_minutes * 60
+            # Ranks save together (the save is collective): any rank's clock or signal decides for all.
+            signalled = int(parallel.all_max(world, float(stop.signal_number or 0)))
+            due_by_time = bool(parallel.all_max(world, float(due_by_time)))
+            if (cfg.save_every and done % cfg.save_every == 0) or due_by_time or signalled or done == end:
                 if world.distributed:
                     last_saved = sharded.save(cfg, ckpt_root, done, tokens_seen, model, trainable, opt, data, world)
                 else:
                     last_saved = _save(cfg, ckpt_root, done, tokens_seen, model, trainable, opt, data)
-    except torch.OutOfMemoryError:
-        raise TrainError(
-            "the GPU ran out of memory. Shorten data.seq_len, keep gradient_checkpointing on, lower micro_batch "
-            "(raise grad_accum to keep the batch), or use --method qlora to keep the experts in MXFP4."
-        ) from None
+                t_saved = time.perf_counter()
+            if signalled and done < end:
+                raise Interrupted(
+                    f"stopped at step {done}/{cfg.steps}; checkpoint saved in {last_saved}. Continue with "
+                    f"the same `osstune train` command plus --resume (or train(cfg, resume=True)); output {out}.",
+                    signalled,
+                )
+    except torch.OutOfMemoryError as e:
+        raise TrainError(_oom_message(e, cfg, device, step_tokens)) from None
     finally:
+        stop.restore()
         if metrics is not None:
             metrics.close()
         report.close()
@@ -361,6 +387,26 @@ def _train(
     return TrainResult(out, cfg.steps, final, eval_loss, artifact, losses)
 
 
+def _oom_message(error: Exception, cfg: TrainConfig, device: torch.device, step_tokens: int) -> str:
+    """The allocator's own account (what was asked, what is held, by whom) and then what to change."""
+    tokens = step_tokens // cfg.grad_accum or cfg.micro_batch * cfg.data.seq_len
+    held = ""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        held = (
+            f" At the failure this run held {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB in tensors "
+            f"(peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB) of the GPU's {total:.1f} GiB."
+        )
+    return (
+        f"the GPU ran out of memory with {tokens:,} tokens per micro-batch "
+        f"(micro_batch={cfg.micro_batch} x data.seq_len={cfg.data.seq_len}).{held} "
+        "Activation memory grows with the tokens per micro-batch: halve data.seq_len or micro_batch (raise "
+        "grad_accum to keep the batch), keep gradient_checkpointing on, set memory.activations=cpu or "
+        "memory.optimizer=cpu, or use --method qlora to keep the experts in MXFP4.\n"
+        f"The allocator said: {error}"
+    )
+
+
 def _save(cfg, root, step, tokens_seen, model, trainable, opt, data) -> Path:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     state = ckpt.TrainState(
@@ -379,10 +425,10 @@ def _export(cfg: TrainConfig, model: torch.nn.Module, out: Path) -> Path:
     if cfg.method == "full":
         from osstune.checkpoint import resolve_checkpoint, save_model
 
-        try:
-            source = resolve_checkpoint(cfg.model)
-        except ValueError:
-            source = None  # a preset: there are no tokenizer files to carry over
+        from osstune.config import PRESETS
+
+        # A preset has no tokenizer files to carry over (and no repo to ask for them).
+        source = None if cfg.model in PRESETS else resolve_checkpoint(cfg.model)
         save_model(model, out / "model", tokenizer_source=source)
         return out / "model"
     from osstune.lora import save_adapter
