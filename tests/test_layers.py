@@ -33,10 +33,12 @@ LAYERS = {
     "osstune.lora": 6,
     # Applied to a built model from outside: the fast path's kernel routing, distributed plans.
     "osstune.fast": 7, "osstune.parallel": 7,
-    "osstune.train": 8, "osstune.export": 8, "osstune.create": 8, "osstune.plan": 8,
+    "osstune.train": 8, "osstune.export": 8, "osstune.create": 8,
     # serve: the engine (scheduler, KV blocks, runner) above everything it runs; chat (infer) and the
     # HTTP server use the engine.
     "osstune.serve": 8, "osstune.infer": 9, "osstune.serve.http": 10,
+    # plan sizes what train and serve would hold (their own sizing functions, meta-device models).
+    "osstune.plan": 9,
     # Command lines: nothing imports them.
     "osstune.cli": 11, "osstune.demo": 11, "osstune.export_cli": 11, "osstune.train.cli": 11, "osstune.data.cli": 11,
     "osstune.infer.cli": 11, "osstune.plan.cli": 11, "osstune.serve.cli": 11,
@@ -44,8 +46,9 @@ LAYERS = {
 
 # Units with a narrower rule than their layer's.
 FORBIDDEN = {
-    # plan reads config and model shapes (meta device); it never runs a model.
-    "osstune.plan": ("osstune.kernels", "osstune.fast", "osstune.train.trainer", "osstune.infer", "osstune.serve"),
+    # plan reads configs and model shapes (meta device); it never runs a model or serves.
+    "osstune.plan": ("osstune.kernels", "osstune.fast", "osstune.train.trainer", "osstune.infer", "osstune.serve.engine",
+                     "osstune.serve.http"),
     # The HTTP server speaks to the engine, never to the model.
     "osstune.serve.http": ("osstune.model", "osstune.kernels", "osstune.lora", "osstune.fast"),
 }
