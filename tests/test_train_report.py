@@ -130,7 +130,7 @@ def test_report_to_flag_and_recipe_key():
     add_commands(parser.add_subparsers())
     args = parser.parse_args(["train", "--report-to", "tensorboard,wandb"])
     assert resolve_config(args).report_to == ("tensorboard", "wandb")
-    with pytest.raises(RecipeError, match=r"report_to: 'mlflow' is not one of \['tensorboard', 'wandb'\]"):
+    with pytest.raises(RecipeError, match=r"report_to='mlflow': must be one of 'tensorboard', 'wandb'"):
         resolve_config(parser.parse_args(["train", "--set", "report_to=[mlflow]"]))
 
 
