@@ -40,7 +40,7 @@ LAYERS = {
     # plan sizes what train and serve would hold (their own sizing functions, meta-device models).
     "osstune.plan": 9,
     # Command lines: nothing imports them.
-    "osstune.cli": 11, "osstune.demo": 11, "osstune.export_cli": 11, "osstune.train.cli": 11, "osstune.data.cli": 11,
+    "osstune.cli": 11, "osstune.__main__": 12, "osstune.demo": 11, "osstune.export_cli": 11, "osstune.train.cli": 11, "osstune.data.cli": 11,
     "osstune.infer.cli": 11, "osstune.plan.cli": 11, "osstune.serve.cli": 11,
 }  # fmt: skip
 

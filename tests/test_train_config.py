@@ -83,7 +83,7 @@ def test_shipped_recipes_resolve_by_name_and_build():
     assert len(names) >= 5
     for name in names:
         cfg = from_dict(TrainConfig, load_yaml(name), where=name)
-        assert name.split("-")[-1] == cfg.method  # gpt-oss-20b-qlora trains qlora, ...
+        assert name.split("-")[3] == cfg.method  # gpt-oss-20b-qlora(-multi-2x24gb) trains qlora, ...
         assert cfg.model.startswith("openai/gpt-oss-") and cfg.eval_every > 0
 
 

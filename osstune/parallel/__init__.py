@@ -5,13 +5,19 @@ sharded form for a World (torchrun's processes and a device mesh); the trainer t
 loop as on one process, reading its share of each global batch.
 """
 
-from osstune.parallel.comm import CommMeter
-from osstune.parallel.config import ParallelConfig
-from osstune.parallel.world import World, all_max, all_sum, barrier, close_world, init_world, launched
-from osstune.parallel.norm import grad_norm_fn
-from osstune.parallel.plan import parallelize, share
+import importlib
 
-__all__ = [
-    "CommMeter", "ParallelConfig", "World", "all_max", "all_sum", "barrier", "close_world", "grad_norm_fn",
-    "init_world", "launched", "parallelize", "share",
-]  # fmt: skip
+# Imported on first use (PEP 562): TrainConfig holds a ParallelConfig, and configs import no torch.
+_HOMES = {
+    "CommMeter": "comm", "ParallelConfig": "config", "World": "world", "all_max": "world", "all_sum": "world",
+    "barrier": "world", "close_world": "world", "init_world": "world", "launched": "world",
+    "grad_norm_fn": "norm", "parallelize": "plan", "share": "plan",
+}  # fmt: skip
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'osstune.parallel' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"osstune.parallel.{_HOMES[name]}"), name)
