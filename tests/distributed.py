@@ -7,6 +7,8 @@ files; an exception in any rank fails the spawn with that rank's traceback.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import socket
 from datetime import timedelta
@@ -79,6 +81,8 @@ def train_config(base, data, out, **kw):
         seed=3,
     )
     fields.update(kw)
+    if fields["optim"].warmup_steps >= fields["steps"]:  # a one-step run: TrainConfig refuses an all-warmup run
+        fields["optim"] = dataclasses.replace(fields["optim"], warmup_steps=fields["steps"] - 1)
     return TrainConfig(**fields)
 
 
