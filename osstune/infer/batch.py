@@ -126,10 +126,11 @@ def _generate(args, config: EngineConfig, rows, out, log: TextIO) -> int:
     import torch
 
     from osstune.data.render import harmony_encoding
+    from osstune.device import pick_device
     from osstune.serve.engine import LLMEngine, load_for_serving
 
     encoding = harmony_encoding()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     print(f"loading {args.model} on {device}", file=log)
     model = load_for_serving(args.model, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     adapters = {"adapter": args.adapter} if args.adapter else None

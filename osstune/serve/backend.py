@@ -52,6 +52,13 @@ class Backend:
         self.kernels = kernels
         self.cuda_graph_max_batch = cuda_graph_max_batch if kernels else 0
         self.graphs = None  # osstune.serve.graphs.DecodeGraphs, built by the engine after the cache
+        if kernels:  # resolved once here, not in every layer of every step
+            from osstune.fast.hooks import fast_experts
+            from osstune.kernels.moe_decode import moe_decode  # the training GEMMs from 128 tokens on
+            from osstune.kernels.paged_attention import paged_attention, write_kv_cache
+
+            self._paged_attention, self._write_kv_cache = paged_attention, write_kv_cache
+            self._moe_decode, self._fast_experts = moe_decode, fast_experts
 
     @classmethod
     def for_device(cls, device: torch.device, choice: str = "auto", cuda_graph_max_batch: int = 0) -> Backend:
@@ -83,16 +90,12 @@ class Backend:
     def write_kv(self, k, v, k_cache, v_cache, slots) -> None:
         if not self.kernels:
             return write_kv_ref(k, v, k_cache, v_cache, slots)
-        from osstune.kernels.paged_attention import write_kv_cache
-
-        write_kv_cache(k, v, k_cache, v_cache, slots)
+        self._write_kv_cache(k, v, k_cache, v_cache, slots)
 
     def attention(self, q, k_cache, v_cache, sinks, inp: StepInputs, group: str, window: int | None) -> torch.Tensor:
         if not self.kernels:
             return paged_attention_host(q, k_cache, v_cache, sinks, inp.host_seqs, group, window)
-        from osstune.kernels.paged_attention import paged_attention
-
-        return paged_attention(
+        return self._paged_attention(
             q, k_cache, v_cache, sinks, inp.block_tables[group], inp.seq_lens, inp.cu_seqlens_q,
             inp.max_query_len, window,
         )
@@ -102,16 +105,12 @@ class Backend:
             return experts(x, idx, weights)
         if not isinstance(experts, Experts):  # LoRA wrappers applied in place (a trained model in chat)
             return self.lora_experts(experts, x, idx, weights)
-        from osstune.kernels.moe_decode import moe_decode  # the training GEMMs from 512 tokens on
-
-        return moe_decode(experts, x, idx, weights)
+        return self._moe_decode(experts, x, idx, weights)
 
     def lora_experts(self, wrapper, x, idx, weights) -> torch.Tensor:
         if not self.kernels:
             return wrapper(x, idx, weights)
-        from osstune.fast.hooks import fast_experts
-
-        return fast_experts(wrapper, x, idx, weights)
+        return self._fast_experts(wrapper, x, idx, weights)
 
     # ---- a whole step ----
 

@@ -265,11 +265,9 @@ def load_for_serving(model: str | GptOss, device: str | torch.device | None = No
     if isinstance(model, GptOss):
         return model
     import osstune
+    from osstune.device import pick_device
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
-    return osstune.load_model(model, device=device, dtype=dtype)
+    return osstune.load_model(model, device=pick_device(None if device is None else str(device)), dtype=dtype)
 
 
 class LLM:
