@@ -17,7 +17,7 @@ from osstune.model import GptOss, init_weights
 from osstune.serve.async_engine import AsyncEngine
 from osstune.serve.config import EngineConfig
 from osstune.serve.engine import LLM, LLMEngine
-from osstune.serve.sampling import SamplingBatch, sample, uniforms
+from osstune.serve.sampling import SamplingBatch, sample, uniforms, unit_interval
 from osstune.serve.scheduler import ScheduledChunk
 from osstune.serve.types import RequestError, SamplingParams
 
@@ -162,8 +162,8 @@ def test_llm_generate_returns_results_in_input_order(model):
 # ---- sampling ----
 
 
-def _chunks(params_list):
-    return [ScheduledChunk(f"r{i}", [0], 0, {}, True, p, p.seed, 0, None) for i, p in enumerate(params_list)]
+def _chunks(params_list, num_output=0):
+    return [ScheduledChunk(f"r{i}", [0], 0, {}, True, p, p.seed, num_output, None) for i, p in enumerate(params_list)]
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch():
@@ -195,6 +195,27 @@ def test_uniforms_are_uniform_and_seed_dependent():
     u = uniforms(torch.tensor([1, 2]), torch.tensor([0, 0]), 100000)
     assert 0 < u.min() and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.005 and (u[0] != u[1]).float().mean() > 0.99
+
+
+def test_every_hash_maps_strictly_inside_the_unit_interval():
+    """The extremes of the 32-bit range included: a uniform of 0 or 1 is an infinite Gumbel."""
+    ends = torch.cat([torch.arange(0, 1 << 12), torch.arange((1 << 32) - (1 << 12), 1 << 32)])
+    u = unit_interval(ends)
+    gumbel = -torch.log(-torch.log(u))
+    assert (u > 0).all() and (u < 1).all() and torch.isfinite(gumbel).all()
+
+
+def test_a_token_far_ahead_is_always_sampled_at_a_real_vocabulary():
+    """A logit 60 above every other at T=1: another token has probability < 201088 e^-60 ~ 2e-21.
+    Many rows at gpt-oss's vocabulary, so a rare flaw in the noise (one draw in 2**24) would show."""
+    v, n = 201088, 256
+    logits = torch.zeros(n, v)
+    best = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(3))
+    logits[torch.arange(n), best] = 60.0
+    for step in range(4):
+        params = [SamplingParams(temperature=1.0, seed=1000 * step + s) for s in range(n)]
+        batch = SamplingBatch.build(_chunks(params, num_output=step), "cpu")
+        assert torch.equal(sample(logits, batch), best)
 
 
 # ---- the asyncio engine ----

@@ -37,7 +37,16 @@ def uniforms(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tens
     lo, hi = seeds & _M32, (seeds >> 32) & _M32
     row = _mix32(_mix32(lo ^ _mix32(hi + 0x9E3779B9)) ^ (steps & _M32))  # (B,)
     h = _mix32(row[:, None] ^ _mix32(tok + 0x632BE5AB)[None, :])  # (B, V)
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return unit_interval(h)
+
+
+def unit_interval(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> float32 in (0, 1), both ends excluded: their top 23 bits, centred.
+
+    23 bits, not 24: (k + 0.5) / 2**24 rounds to exactly 1.0 in float32 at k = 2**24 - 1, and a
+    uniform of 1 is an infinite Gumbel, which wins whatever the logits (one token in 2**24: at a
+    200k vocabulary, one sampled token in 80 would be uniformly random)."""
+    return ((h >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 @dataclass
