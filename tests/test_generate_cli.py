@@ -127,21 +127,26 @@ def test_resume_point_at_every_cut(full_run):
         assert resume_point(path, rows) == (len(whole), whole[-1] if whole else 0), cut
 
 
-def test_interrupted_run_resumes_to_the_same_output(full_run, monkeypatch, capsys):
-    out = full_run / "resumed.jsonl"
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_interrupted_run_resumes_to_the_same_output(full_run, monkeypatch, capsys, sig):
+    """Ctrl-C, or a scheduler's SIGTERM: the step finishes, its rows are written, the exit status is
+    the shell's 128 + signal, and the same command finishes the file."""
+    out = full_run / f"resumed-{sig.name}.jsonl"
     argv = [*BASE, "--input", str(full_run / "in.jsonl"), "--output", str(out), "--skip-invalid", "--max-num-seqs", "1"]
     real_sync = OutputFile.sync
 
     def sync_then_ctrl_c(self):
         written = real_sync(self)
         if written:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as soon as the first row is on disk
+            os.kill(os.getpid(), sig)  # as soon as the first row is on disk
         return written
 
     monkeypatch.setattr(OutputFile, "sync", sync_then_ctrl_c)
-    assert main(argv) == 130
+    assert main(argv) == 128 + sig
     monkeypatch.undo()
-    assert "run the same command again" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{sig.name} received: finishing this step, then writing its rows" in err
+    assert "run the same command again" in err
     partial = _records(out)
     assert 1 <= len(partial) < 4
     full = (full_run / "out.jsonl").read_text().splitlines(keepends=True)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent / "osstune"
 # unit and from units of strictly lower layers.
 LAYERS = {
     # Plain helpers every layer may use: no torch, no osstune imports.
-    "osstune.fields": 0, "osstune.errors": 0, "osstune.atomic": 0,
+    "osstune.fields": 0, "osstune.errors": 0, "osstune.atomic": 0, "osstune.interrupt": 0,
     # Configuration: frozen dataclasses, no torch. A training config holds a LoRA config.
     "osstune.config": 1, "osstune.lora.config": 1, "osstune.parallel.config": 1,
     "osstune.train.config": 2, "osstune.train.recipe": 2,

@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from osstune.infer.progress import Progress, StopOnInterrupt
+from osstune.errors import Interrupted
+from osstune.infer.progress import Progress
+from osstune.interrupt import StopRequest
 from osstune.serve.config import EngineConfig
 
 _DEFAULTS = EngineConfig()
@@ -141,9 +143,9 @@ def _generate(args, config: EngineConfig, rows, out, log: TextIO) -> int:
     tokens: dict[str, list[int]] = {}  # request id -> its tokens so far
     feed = _Feeder(args, engine, rows, start, adapter, out)
     progress = Progress(len(rows), start, log)
-    with StopOnInterrupt(log) as stop:
+    with StopRequest(then="writing its rows", stream=log) as stop:
         try:
-            while not stop.asked and feed():
+            while stop.signal_number is None and feed():
                 for u in engine.step():
                     tokens.setdefault(u.request_id, []).extend(u.new_token_ids)
                     if u.finished:
@@ -158,15 +160,14 @@ def _generate(args, config: EngineConfig, rows, out, log: TextIO) -> int:
     if feed.shortened:
         print(f"{feed.shortened} row(s): --max-tokens lowered to what the context ({engine.max_model_len}) leaves",
               file=log)
-    if stop.asked:
+    if stop.signal_number is not None:
         out.sync()
         progress.close(finished, engine.stats_totals["generation"])
-        print(
+        raise Interrupted(
             f"stopped: {out.num_written} of {len(rows)} rows are in {args.output}; "
             "run the same command again to generate the rest",
-            file=log,
+            stop.signal_number,
         )
-        raise KeyboardInterrupt
     out.sync()
     progress.close(finished, engine.stats_totals["generation"])
     if feed.failed:

@@ -1,40 +1,10 @@
-"""What a long batch run shows and how it stops: a progress line on stderr, and Ctrl-C that ends
-the run at the next step boundary so that its output stays whole."""
+"""What a long batch run shows: a progress line on stderr. (How it stops on Ctrl-C or SIGTERM:
+`osstune.interrupt.StopRequest`.)"""
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from typing import TextIO
-
-
-class StopOnInterrupt:
-    """The first Ctrl-C lets the current step finish and its rows be written, then stops the run;
-    a second one stops at once (the output then ends with at most one torn line, cut on resume)."""
-
-    def __init__(self, log: TextIO) -> None:
-        self.log = log
-        self.asked = False
-        self._installed = False
-        self._previous = None
-
-    def _handler(self, signum, frame) -> None:
-        if self.asked:
-            raise KeyboardInterrupt
-        self.asked = True
-        print("\nstopping after this step (Ctrl-C again to stop at once)", file=self.log, flush=True)
-
-    def __enter__(self) -> StopOnInterrupt:
-        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-            self._installed = True
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._installed:
-            # None: the handler was not set from Python; the default one is the closest.
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
 
 
 class Progress:

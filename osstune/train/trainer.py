@@ -23,7 +23,7 @@ from osstune.train import sharded
 from osstune.train import state as ckpt
 from osstune.train.batches import Batch, build_data
 from osstune.train.config import RESUMABLE_CHANGES, TrainConfig
-from osstune.train.interrupt import StopRequest
+from osstune.interrupt import StopRequest
 from osstune.train.loss import cross_entropy_sum
 from osstune.train.optim import MasterAdamW, lr_at
 from osstune.train.plot import plot_loss

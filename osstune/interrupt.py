@@ -1,8 +1,10 @@
-"""Stop a run cleanly on SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption): the step under way
-finishes, a checkpoint is saved, and the run ends with a message saying how to resume it.
+"""Stop a long run cleanly on SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption): the step under
+way finishes, what it produced is saved (training: a checkpoint; `osstune generate`: its rows), and
+the run ends with a message saying how to continue it.
 
 A second signal while that happens stops at once (the default behaviour: KeyboardInterrupt or
 termination). Handlers are installed only in the main thread (Python's rule) and restored on exit.
+No imports beyond the standard library: every layer may use it.
 """
 
 from __future__ import annotations
@@ -11,16 +13,27 @@ import signal
 import sys
 import threading
 from types import FrameType
+from typing import TextIO
 
 
 class StopRequest:
-    """`stop = StopRequest().install()` ... `if stop.signal_number:` save and end ... `stop.restore()`."""
+    """`stop = StopRequest().install()` ... `if stop.signal_number:` save and end ... `stop.restore()`,
+    or `with StopRequest(...) as stop:`. `then` completes the notice printed on the first signal:
+    "NAME received: finishing this step, then {then}"."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, then: str = "saving a checkpoint", stream: TextIO | None = None) -> None:
         self.signal_number: int | None = None
+        self.then = then
+        self.stream = stream
         self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     def install(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -45,8 +58,8 @@ class StopRequest:
         self.signal_number = signum
         name = signal.Signals(signum).name
         print(
-            f"\nosstune: {name} received: finishing this step, then saving a checkpoint "
+            f"\nosstune: {name} received: finishing this step, then {self.then} "
             f"({name} again stops at once, without saving)",
-            file=sys.stderr,
+            file=self.stream or sys.stderr,
             flush=True,
         )
