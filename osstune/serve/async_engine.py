@@ -12,14 +12,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import traceback
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-
-import torch
+from collections.abc import AsyncIterator
 
 from osstune.model import GptOss
-from osstune.serve.config import EngineConfig
-from osstune.serve.engine import LLMEngine, load_for_serving
+from osstune.serve.engine import LLMEngine
 from osstune.serve.types import EngineStats, RequestError, RequestOutput, SamplingParams
 
 
@@ -69,17 +65,10 @@ class AsyncEngine:
         self.error: str | None = None  # set when the loop died; every request then fails with it
 
     @classmethod
-    def from_model(
-        cls,
-        model: str | GptOss,
-        *,
-        adapters: dict[str, str | Path] | None = None,
-        config: EngineConfig = EngineConfig(),
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        log: Callable[[str], None] | None = None,
-    ) -> AsyncEngine:
-        return cls(LLMEngine(load_for_serving(model, device, dtype), config, adapters, log))
+    def from_model(cls, model: str | GptOss, **options) -> AsyncEngine:
+        """`LLMEngine.from_model(model, **options)` (adapters, config, device, dtype, log), stepped
+        in a background thread once `start()` is called."""
+        return cls(LLMEngine.from_model(model, **options))
 
     @property
     def adapter_names(self) -> list[str]:

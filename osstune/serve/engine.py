@@ -76,6 +76,21 @@ def _check_expert_scales(model: GptOss) -> None:
 
 
 class LLMEngine:
+    @classmethod
+    def from_model(
+        cls,
+        model: str | GptOss,
+        *,
+        adapters: dict[str, str | Path] | None = None,
+        config: EngineConfig = EngineConfig(),
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> LLMEngine:
+        """An engine over a model object, or over one loaded by `load_for_serving` (a checkpoint
+        directory, hub id or preset) on `device` in `dtype`."""
+        return cls(load_for_serving(model, device, dtype), config, adapters, log)
+
     def __init__(
         self,
         model: GptOss,
@@ -283,7 +298,7 @@ class LLM:
         dtype: torch.dtype | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
-        self.engine = LLMEngine(load_for_serving(model, device, dtype), config, adapters, log)
+        self.engine = LLMEngine.from_model(model, adapters=adapters, config=config, device=device, dtype=dtype, log=log)
 
     def generate(
         self,
