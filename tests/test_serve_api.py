@@ -193,6 +193,10 @@ BAD = [
     ("/v1/completions", {"model": "tiny", "prompt": [10**9]}, None, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": MAX_MODEL_LEN}, None, "max_tokens"),
     ("/v1/responses", {"model": "tiny", "input": 5}, None, "input"),
+    # NaN and Infinity: Python's json reads them, JSON has no such numbers (they once reached the engine: a 500).
+    ("/v1/completions", None, '{"model": "tiny", "prompt": "a", "temperature": NaN}', None),
+    ("/v1/responses", None, '{"model": "tiny", "input": "a", "temperature": Infinity}', None),
+    ("/v1/chat/completions", None, '{"model": "tiny", "messages": [{"role": "user", "content": "a"}], "top_p": -Infinity}', None),
 ]
 
 
@@ -300,12 +304,15 @@ def test_metrics_are_prometheus_text(server):
     from prometheus_client.parser import text_string_to_metric_families
 
     url = server[0]
+    assert _post(url, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 1}).status_code == 200
+    assert _post(url, "/v1/completions", {"model": "tiny", "prompt": "a", "n": 0}).status_code == 400
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
     for name in ("osstune_requests", "osstune_time_to_first_token_seconds", "osstune_inter_token_latency_seconds",
                  "osstune_num_requests_waiting", "osstune_kv_cache_usage_ratio", "osstune_generation_tokens"):
         assert name in families, sorted(families)
-    ok = [s.value for s in families["osstune_requests"].samples if s.labels.get("status") == "200"]
-    assert sum(ok) >= 1
+    counted = {code: sum(s.value for s in families["osstune_requests"].samples if s.labels.get("status") == code)
+               for code in ("200", "400", "500")}
+    assert counted["200"] >= 1 and counted["400"] >= 1 and counted["500"] == 0, counted
     ttft_count = [s.value for s in families["osstune_time_to_first_token_seconds"].samples if s.name.endswith("_count")]
     assert ttft_count[0] >= 1
 

@@ -14,6 +14,7 @@ from osstune.serve.http.completions import CompletionReply
 from osstune.serve.http.context import ServerContext
 from osstune.serve.http.errors import ApiError, bad_request
 from osstune.serve.http.responses import ResponsesReply
+from osstune.serve.types import RequestError
 
 MAX_BODY_BYTES = 64 << 20  # a request larger than this is refused (413) before it is parsed
 
@@ -59,7 +60,7 @@ def create_app(ctx: ServerContext):
         if len(raw) > MAX_BODY_BYTES:
             raise ApiError(413, f"the request body has {len(raw):,} bytes; at most {MAX_BODY_BYTES:,} are accepted")
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, parse_constant=_not_json)
             # JSON may escape unpaired UTF-16 surrogates ("\ud800"), which are no text: the tokenizers refuse them.
             json.dumps(body, ensure_ascii=False).encode("utf-8")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -68,6 +69,10 @@ def create_app(ctx: ServerContext):
         except UnicodeEncodeError:
             raise bad_request("the request body holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff): not text") from None
         return body
+
+    def _not_json(constant: str) -> None:
+        # Python's json reads NaN and Infinity; JSON (RFC 8259) has no such numbers.
+        raise bad_request(f"the request body is not valid JSON: {constant} is not a JSON number")
 
     async def answer(request: Request, endpoint: str, make: Any):
         status = 500
@@ -88,6 +93,9 @@ def create_app(ctx: ServerContext):
         except ApiError as e:
             status = e.status
             raise
+        except RequestError as e:  # the engine's own check of what the endpoint did not refuse: the client's
+            status = 400
+            raise bad_request(str(e), e.field) from None
         finally:
             ctx.metrics.request_done(endpoint, status)
 

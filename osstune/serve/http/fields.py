@@ -71,7 +71,7 @@ class Body:
         value = self.get(name, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad_request(f"'{name}' must be a number, got {type_name(value)}", name)
-        if value > high or value < low or (low_open and value == low):
+        if not low <= value <= high or (low_open and value == low):  # NaN fails every comparison
             span = f"in ({low}, {high}]" if low_open else f"between {low} and {high}"
             raise bad_request(f"'{name}'={value} must be {span}", name)
         return float(value)
