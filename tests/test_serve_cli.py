@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +21,6 @@ pytest.importorskip("fastapi")
 
 from osstune.cli import build_parser  # noqa: E402
 from osstune.serve.cli import parse_adapters  # noqa: E402
-from osstune.serve.http.server import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,14 +32,36 @@ def test_adapter_flags_are_checked(tmp_path):
             parse_adapters([bad])
 
 
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_a_port_in_use_is_said_before_the_model_loads():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "osstune.cli", "serve", "--model", "tiny", "--port", str(port)],
+                              env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "pick another --port" in done.stderr
+    assert "loading" not in done.stderr
+    bad = subprocess.run([sys.executable, "-m", "osstune.cli", "serve", "--model", "tiny", "--port", "99999"],
+                         env=ENV, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not a TCP port" in bad.stderr
+
+
 def test_serve_chat_url_and_ctrl_c():
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    command = [sys.executable, "-m", "osstune.cli", "serve", "--model", "tiny", "--port", str(port), "--api-key", "k",
+    command = [sys.executable, "-m", "osstune.cli", "serve", "--model", "tiny", "--port", "0", "--api-key", "k",
                "--device", "cpu", "--max-model-len", "256", "--num-kv-blocks", "128", "--max-num-seqs", "8"]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        for line in proc.stdout:  # --port 0: the server says which port it took
+            found = re.search(r"osstune serve: (http://127\.0\.0\.1:\d+)/", line)
+            if found:
+                url = found.group(1)
+                break
+        else:
+            raise AssertionError(f"osstune serve ended without saying where it listens (exit {proc.wait()})")
         deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, proc.stdout.read()

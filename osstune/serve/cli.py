@@ -45,7 +45,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
                    help="a LoRA adapter served as the model id NAME (repeatable)")
     p.add_argument("--served-model-name", help="the base model's id in the API (default: --model)")
     p.add_argument("--host", default="127.0.0.1", help="default: %(default)s (loopback only; 0.0.0.0 listens on every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="default: %(default)s (0: a free port)")
     p.add_argument("--api-key", default=os.environ.get("OSSTUNE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $OSSTUNE_API_KEY, else none)")
     p.add_argument("--max-queue", type=int, default=1024,
@@ -55,6 +55,12 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="cast the weights (default: as stored)")
     _engine_options(p)
     p.set_defaults(func=run_serve)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535)")
+    return int(text)
 
 
 def parse_adapters(specs: list[str]) -> dict[str, str]:
@@ -79,7 +85,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from osstune.serve.async_engine import AsyncEngine
     from osstune.serve.http.context import ServerContext
-    from osstune.serve.http.server import uvicorn_server
+    from osstune.serve.http.server import listen, uvicorn_server
 
     adapters = parse_adapters(args.adapter)
     if args.max_queue < 0:
@@ -89,6 +95,8 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model
     if name in adapters:
         raise ValueError(f"--adapter {name}: the base model is served under that id; rename the adapter")
+    sock = listen(args.host, args.port)  # a port in use is said now, not after the model has loaded
+    port = sock.getsockname()[1]
     print(f"osstune serve: loading {args.model}" + (f" with adapters {', '.join(adapters)}" if adapters else ""), file=sys.stderr)
     engine = AsyncEngine.from_model(
         args.model, adapters=adapters, config=config, device=args.device,
@@ -96,11 +104,11 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     engine.start()
     ctx = ServerContext(engine, name, max_in_flight=config.max_num_seqs + args.max_queue, api_key=args.api_key)
-    server = uvicorn_server(ctx, args.host, args.port, access_log=args.access_log)
-    print(f"osstune serve: http://{args.host}:{args.port}/ (web chat), OpenAI API at http://{args.host}:{args.port}/v1",
+    server = uvicorn_server(ctx, args.host, port, access_log=args.access_log)
+    print(f"osstune serve: http://{args.host}:{port}/ (web chat), OpenAI API at http://{args.host}:{port}/v1",
           file=sys.stderr)
     try:
-        server.run()  # returns after Ctrl-C once in-flight requests are done or cancelled
+        server.run(sockets=[sock])  # returns after Ctrl-C once in-flight requests are done or cancelled
     except KeyboardInterrupt:
         pass  # uvicorn re-raises the Ctrl-C it handled, after its graceful shutdown
     finally:
