@@ -286,19 +286,13 @@ def load_for_serving(model: str | GptOss, device: str | torch.device | None = No
 
 
 class LLM:
-    """Offline generation: give it every prompt, get every result back in input order."""
+    """Offline generation: give it every prompt, get every result back in input order.
 
-    def __init__(
-        self,
-        model: str | GptOss,
-        *,
-        adapters: dict[str, str | Path] | None = None,
-        config: EngineConfig = EngineConfig(),
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        log: Callable[[str], None] | None = None,
-    ) -> None:
-        self.engine = LLMEngine.from_model(model, adapters=adapters, config=config, device=device, dtype=dtype, log=log)
+    `LLM(model, adapters=..., config=EngineConfig(...), device=..., dtype=..., log=...)`: the options
+    of `LLMEngine.from_model`."""
+
+    def __init__(self, model: str | GptOss, **options) -> None:
+        self.engine = LLMEngine.from_model(model, **options)
 
     def generate(
         self,
