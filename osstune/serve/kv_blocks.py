@@ -135,6 +135,9 @@ class _Tables:
     tables: dict[str, list[int]] = field(default_factory=dict)
     hashes: list[int] = field(default_factory=list)  # of the request's full blocks, all known tokens
     registered: int = 0  # blocks whose hash is registered (a prefix of `hashes`)
+    # group -> leading table entries already out of the window (NULL_BLOCK): each step looks at the
+    # entries past these only, not at the whole table again.
+    dropped: dict[str, int] = field(default_factory=dict)
 
 
 class KVCacheManager:
@@ -229,12 +232,13 @@ class KVCacheManager:
             if g.window is None:
                 continue
             table = state.tables[g.name]
-            first_needed = max(0, num_computed - g.window + 1) // bs
-            dropped = []
-            for j in range(min(first_needed, len(table))):
-                if table[j] != NULL_BLOCK:
-                    dropped.append(table[j])
-                    table[j] = NULL_BLOCK
+            start = state.dropped.get(g.name, 0)
+            stop = min(max(0, num_computed - g.window + 1) // bs, len(table))  # blocks before `stop`: out
+            if stop <= start:
+                continue
+            dropped = [b for b in table[start:stop] if b != NULL_BLOCK]
+            table[start:stop] = [NULL_BLOCK] * (stop - start)
+            state.dropped[g.name] = stop
             self.pool.release(dropped[::-1])
         need = {g.name: max(0, -(-end // bs) - len(state.tables[g.name])) for g in self.groups}
         if sum(need.values()) > self.pool.num_free:

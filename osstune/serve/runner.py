@@ -141,13 +141,16 @@ class ModelRunner:
         ids = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), dtype=np.int64, count=n)
         seq_of_row = np.repeat(np.arange(s), lens)  # (N,)
         pos = starts[seq_of_row] + (np.arange(n) - cu[:-1][seq_of_row])  # (N,)
-        width = max(1, max(len(c.tables[g]) for c in chunks for g in self.groups))
+        rows_of = {g: [c.tables[g] for c in chunks] for g in self.groups}
+        counts = {g: np.fromiter(map(len, r), dtype=np.int64, count=s) for g, r in rows_of.items()}
+        width = max(1, max(int(c.max()) for c in counts.values()))
         tables, slots = {}, {}
         for g in self.groups:
+            # Rows padded with the null block: one flat copy of every entry, placed by a mask (a
+            # per-row assignment costs a conversion per request, and tables grow with the context).
             t = np.zeros((s, width), dtype=np.int64)
-            for i, c in enumerate(chunks):
-                row = c.tables[g]
-                t[i, : len(row)] = row
+            flat = np.fromiter(itertools.chain.from_iterable(rows_of[g]), dtype=np.int64, count=int(counts[g].sum()))
+            t[np.arange(width)[None, :] < counts[g][:, None]] = flat
             tables[g] = t
             slots[g] = t[seq_of_row, pos // bs] * bs + pos % bs
         sample_idx = [i for i, c in enumerate(chunks) if c.sample]
