@@ -81,6 +81,20 @@ def check_invariants(kv: KVCacheManager) -> None:
         assert (b in pool.free) == (refs[b] == 0), f"block {b} free-queue membership wrong"
     for (group, _), b in pool.cached.items():
         assert pool.blocks[b].key is not None and pool.blocks[b].key[0] == group
+    # The array copy of the tables (what the runner gathers): each request's row equals its lists,
+    # null past their end; no two requests share a row; rows no request holds are all null.
+    owned = [state.row for state in kv.requests.values()]
+    assert len(set(owned)) == len(owned)
+    for name, rows in kv.rows.items():
+        array = rows.array
+        for rid, state in kv.requests.items():
+            table = state.tables[name]
+            if state.row < array.shape[0]:
+                assert array[state.row, : len(table)].tolist() == table, f"{name} row of {rid} differs from its table"
+                assert not array[state.row, len(table) :].any(), f"{name} row of {rid} holds blocks past its table"
+            else:
+                assert not table, f"{rid} has a {name} table but no row"
+        assert not array[[r for r in range(array.shape[0]) if r not in owned]].any(), f"a free {name} row holds blocks"
 
 
 def make(num_blocks: int, bs: int, window: int, budget: int, max_len: int = 200, caching: bool = True, seqs: int = 8):

@@ -1,6 +1,9 @@
 """The paged KV cache's bookkeeping: which physical block holds which tokens of which request.
 
-No tensors here: block ids only, so every rule is tested on a CPU without a model.
+No tensors here: block ids only, so every rule is tested on a CPU without a model. Each group's
+tables are kept twice: as lists (what the rules read) and as rows of one numpy array (`TableRows`,
+what the runner gathers for a step in one indexing operation rather than converting every list of
+every request at every step; a table at 8k tokens has 512 entries).
 
 gpt-oss alternates full-attention and sliding-window (128-token) layers. The layers form two groups,
 each with its own block table per request, drawing on ONE pool of block ids. The runner lays the
@@ -25,6 +28,8 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 NULL_BLOCK = 0
 
@@ -124,6 +129,27 @@ class BlockPool:
         block.key = key
 
 
+class TableRows:
+    """One group's block tables as rows of an int32 array that grows as needed; a row's entries past
+    its table's length are the null block."""
+
+    def __init__(self) -> None:
+        self.array = np.zeros((64, 64), dtype=np.int32)  # (rows, entries)
+
+    def write(self, row: int, start: int, blocks: Sequence[int]) -> None:
+        end = start + len(blocks)
+        rows, cols = self.array.shape
+        if row >= rows or end > cols:
+            grown = np.zeros((max(rows, 2 * row + 2), max(cols, 2 * end)), dtype=np.int32)
+            grown[:rows, :cols] = self.array
+            self.array = grown
+        self.array[row, start:end] = blocks
+
+    def clear(self, row: int, length: int) -> None:
+        if length:
+            self.array[row, :length] = NULL_BLOCK
+
+
 @dataclass
 class KVGroup:
     name: str
@@ -138,6 +164,7 @@ class _Tables:
     # group -> leading table entries already out of the window (NULL_BLOCK): each step looks at the
     # entries past these only, not at the whole table again.
     dropped: dict[str, int] = field(default_factory=dict)
+    row: int = -1  # this request's row in every group's TableRows
 
 
 class KVCacheManager:
@@ -148,6 +175,17 @@ class KVCacheManager:
         self.groups = list(groups)
         self.pool = BlockPool(num_blocks, enable_caching)
         self.requests: dict[str, _Tables] = {}
+        self.rows = {g.name: TableRows() for g in self.groups}
+        self._free_rows: list[int] = []
+        self._num_rows = 0
+
+    def _state(self, request_id: str) -> _Tables:
+        state = self.requests.get(request_id)
+        if state is None:
+            row = self._free_rows.pop() if self._free_rows else self._num_rows
+            self._num_rows = max(self._num_rows, row + 1)
+            state = self.requests[request_id] = _Tables(tables={g.name: [] for g in self.groups}, row=row)
+        return state
 
     # ---- sizing ----
 
@@ -176,14 +214,16 @@ class KVCacheManager:
     def tables(self, request_id: str) -> dict[str, list[int]]:
         return self.requests[request_id].tables
 
+    def row(self, request_id: str) -> int:
+        return self.requests[request_id].row
+
     def cached_prefix(self, request_id: str, token_ids: Sequence[int], salt: str) -> int:
         """Take the longest cached prefix for a request that holds no blocks; returns its length in
         tokens (a multiple of the block size, < len(token_ids) so at least one token is computed)."""
-        state = self.requests.setdefault(request_id, _Tables())
+        state = self._state(request_id)
         if any(state.tables.values()):
             raise AssertionError(f"request {request_id} already holds KV blocks")
         state.hashes = block_hashes(token_ids, self.block_size, salt)
-        state.tables = {g.name: [] for g in self.groups}
         if not self.pool.enable_caching:
             return 0
         bs = self.block_size
@@ -211,6 +251,7 @@ class KVCacheManager:
                     b = self.pool.lookup(g.name, state.hashes[j])
                     self.pool.take(b)
                     table.append(b)
+            self.rows[g.name].write(state.row, 0, table)
         state.registered = n_blocks
         return length
 
@@ -223,9 +264,7 @@ class KVCacheManager:
         """Make room for positions [num_computed, num_computed + num_new). Sliding groups first drop
         the blocks that no query from num_computed on can see. False (nothing allocated) when the
         pool is short; the request keeps what it had."""
-        state = self.requests.setdefault(request_id, _Tables())
-        for g in self.groups:
-            state.tables.setdefault(g.name, [])
+        state = self._state(request_id)
         bs = self.block_size
         end = num_computed + num_new
         for g in self.groups:
@@ -238,13 +277,18 @@ class KVCacheManager:
                 continue
             dropped = [b for b in table[start:stop] if b != NULL_BLOCK]
             table[start:stop] = [NULL_BLOCK] * (stop - start)
+            self.rows[g.name].write(state.row, start, table[start:stop])
             state.dropped[g.name] = stop
             self.pool.release(dropped[::-1])
         need = {g.name: max(0, -(-end // bs) - len(state.tables[g.name])) for g in self.groups}
         if sum(need.values()) > self.pool.num_free:
             return False
         for g in self.groups:
-            state.tables[g.name].extend(self.pool.allocate(need[g.name]))
+            if need[g.name]:
+                table = state.tables[g.name]
+                new = self.pool.allocate(need[g.name])
+                self.rows[g.name].write(state.row, len(table), new)
+                table.extend(new)
         return True
 
     def commit(self, request_id: str, token_ids: Sequence[int], num_computed: int, salt: str) -> None:
@@ -266,8 +310,10 @@ class KVCacheManager:
         state = self.requests.pop(request_id, None)
         if state is None:
             return
-        for table in state.tables.values():
+        for name, table in state.tables.items():
             self.pool.release(table[::-1])
+            self.rows[name].clear(state.row, len(table))
+        self._free_rows.append(state.row)
 
     @property
     def num_used(self) -> int:

@@ -141,18 +141,15 @@ class ModelRunner:
         ids = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in chunks), dtype=np.int64, count=n)
         seq_of_row = np.repeat(np.arange(s), lens)  # (N,)
         pos = starts[seq_of_row] + (np.arange(n) - cu[:-1][seq_of_row])  # (N,)
-        rows_of = {g: [c.tables[g] for c in chunks] for g in self.groups}
-        counts = {g: np.fromiter(map(len, r), dtype=np.int64, count=s) for g, r in rows_of.items()}
-        width = max(1, max(int(c.max()) for c in counts.values()))
+        # Block tables: the step's rows of the KV manager's arrays, one gather per group (entries past
+        # a table's length are the null block there), cut to the longest table of the step.
+        table_rows = np.fromiter((c.row for c in chunks), dtype=np.int64, count=s)
+        width = max(1, max(len(c.tables[g]) for c in chunks for g in self.groups))
         tables, slots = {}, {}
         for g in self.groups:
-            # Rows padded with the null block: one flat copy of every entry, placed by a mask (a
-            # per-row assignment costs a conversion per request, and tables grow with the context).
-            t = np.zeros((s, width), dtype=np.int64)
-            flat = np.fromiter(itertools.chain.from_iterable(rows_of[g]), dtype=np.int64, count=int(counts[g].sum()))
-            t[np.arange(width)[None, :] < counts[g][:, None]] = flat
+            t = out.table_rows[g][table_rows, :width]  # (s, width) int32, a copy
             tables[g] = t
-            slots[g] = t[seq_of_row, pos // bs] * bs + pos % bs
+            slots[g] = t[seq_of_row, pos // bs].astype(np.int64) * bs + pos % bs
         sample_idx = [i for i, c in enumerate(chunks) if c.sample]
         sampled_ids = [chunks[i].request_id for i in sample_idx]
         slices: list[tuple[str, int, int]] = []
@@ -167,7 +164,9 @@ class ModelRunner:
         rows = cu[1:][sample_idx] - 1
         groups = self.groups
         wide = torch.from_numpy(np.concatenate([ids, pos, *(slots[g] for g in groups), rows]))
-        narrow = torch.from_numpy(np.concatenate([starts + lens, cu, *(tables[g].ravel() for g in groups)]).astype(np.int32))
+        narrow = torch.from_numpy(
+            np.concatenate([(starts + lens).astype(np.int32), cu.astype(np.int32), *(tables[g].ravel() for g in groups)])
+        )
         wide, narrow = wide.to(self.device, non_blocking=True), narrow.to(self.device, non_blocking=True)
         w_parts = wide.split([n, n, *([n] * len(groups)), len(rows)])
         n_parts = narrow.split([s, s + 1, *([s * width] * len(groups))])

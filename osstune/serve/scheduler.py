@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from osstune.serve.kv_blocks import KVCacheManager
 from osstune.serve.types import RequestError, RequestOutput, SamplingParams
 
@@ -68,12 +70,16 @@ class ScheduledChunk:
     seed: int
     num_output: int  # output tokens before this step (the sampler's step index)
     adapter: str | None
+    row: int = -1  # the request's row in `SchedulerOutput.table_rows`
 
 
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk]
     preempted: list[str]
+    # group name -> every request's block table as a row (KVCacheManager.rows, as of this step):
+    # chunk.tables[g] == table_rows[g][chunk.row, :len(chunk.tables[g])].
+    table_rows: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -180,7 +186,7 @@ class Scheduler:
             self.running.append(req)
             chunks.append(self._chunk(req, n))
             budget -= n
-        return SchedulerOutput(chunks, preempted)
+        return SchedulerOutput(chunks, preempted, {name: rows.array for name, rows in self.kv.rows.items()})
 
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
         start = req.num_computed
@@ -194,6 +200,7 @@ class Scheduler:
             seed=req.seed,
             num_output=len(req.output_token_ids),
             adapter=req.adapter,
+            row=self.kv.row(req.request_id),
         )
 
     def _preempt(self, req: Request) -> None:
