@@ -1,5 +1,5 @@
-"""`parallelize`: apply the plans a World's config asks for, in the order they compose (expert
-parallel, then data parallel over what is left; tensor parallel would come first), torchtitan's order."""
+"""`parallelize`: apply the plans a World's config asks for, in the order they compose (tensor or
+expert parallel, then data parallel over what is left), torchtitan's order."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ def parallelize(model: nn.Module, world: World, compute_dtype: torch.dtype) -> n
         return model
     cfg, mesh = world.config, world.meshes
     expert_mesh = None
+    if cfg.tp > 1:
+        from osstune.parallel.tensor import apply_tp
+
+        apply_tp(model, mesh["tp"])
     if cfg.ep > 1:
         from osstune.parallel.experts import apply_ep
 
