@@ -26,16 +26,18 @@ def check_options(cfg: TrainConfig, world: World) -> None:
                 f"memory.{name}='cpu' is for one process; with {world.size} processes set it to 'gpu' "
                 "(parallel.offload keeps the sharded weights and optimizer in host memory instead)"
             )
-    if cfg.parallel.tp > 1:
-        _check_tensor_parallel(cfg)
+    check_tensor_parallel_for(cfg)
     if cfg.optim.moments == "int8":
         raise ValueError("optim.moments='int8' is for one process; use float32 moments with several (they are sharded)")
     if cfg.parallel.offload and world.device.type != "cuda":
         raise ValueError("parallel.offload (FSDP2's CPUOffloadPolicy) needs CUDA devices; this run is on the CPU")
 
 
-def _check_tensor_parallel(cfg: TrainConfig) -> None:
-    """The model's head counts and expert sizes against parallel.tp, read from its config (nothing loaded)."""
+def check_tensor_parallel_for(cfg: TrainConfig) -> None:
+    """The model's head counts and expert sizes against parallel.tp, read from its config (nothing
+    loaded): at `osstune train --nproc` before any process starts, and in each process."""
+    if cfg.parallel.tp == 1:
+        return
     from osstune.checkpoint import load_config, resolve_checkpoint
     from osstune.config import PRESETS
     from osstune.parallel.tensor import check_tensor_parallel
