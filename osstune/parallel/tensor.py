@@ -184,22 +184,29 @@ def _experts_bias(y: torch.Tensor, bias: torch.Tensor, idx: torch.Tensor, weight
     return y + (weights[..., None].to(y.dtype) * bias[idx].to(y.dtype)).sum(1)
 
 
-def apply_tp(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Split each layer's attention and experts over `mesh` (1-D, the tp ranks of a group)."""
+def check_model(model: nn.Module, tp: int) -> None:
+    """check_tensor_parallel on a built model (its config, packed experts, MXFP4 attention)."""
     packed = any(isinstance(m, MXFP4Experts) for m in model.modules())
     quantized = getattr(model, "quantized_attention", False)
-    check_tensor_parallel(model.config, mesh.size(), packed_experts=packed, quantized_attention=quantized)
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        _split(attn, ATTENTION, mesh)
-        attn.tp_region = SplitRegion(attn, mesh, type(attn).forward, OUTPUT_BIAS["attention"], _attention_bias)
-        attn.__class__ = _split_class(type(attn))
-        mlp = layer.mlp
-        _split(mlp.experts, EXPERTS, mesh)
-        # The experts hook (a fused kernel, or None: the module's forward) runs on the local tensors.
-        inner = mlp.experts_impl
-        run = inner if inner is not None else (lambda experts, *a: experts(*a))
-        mlp.experts_impl = _ExpertsRegion(SplitRegion(mlp.experts, mesh, run, OUTPUT_BIAS["experts"], _experts_bias))
+    check_tensor_parallel(model.config, tp, packed_experts=packed, quantized_attention=quantized)
+
+
+def split_layer(layer: nn.Module, mesh: DeviceMesh) -> None:
+    """Split one decoder layer's attention and experts over `mesh` (1-D, the tp ranks of a group).
+
+    On a GPU the split tensors move to it (DTensor.from_local): osstune.parallel.fsdp calls this
+    layer by layer, just before sharding the layer, so at most one layer's tp share is whole there.
+    """
+    attn = layer.self_attn
+    _split(attn, ATTENTION, mesh)
+    attn.tp_region = SplitRegion(attn, mesh, type(attn).forward, OUTPUT_BIAS["attention"], _attention_bias)
+    attn.__class__ = _split_class(type(attn))
+    mlp = layer.mlp
+    _split(mlp.experts, EXPERTS, mesh)
+    # The experts hook (a fused kernel, or None: the module's forward) runs on the local tensors.
+    inner = mlp.experts_impl
+    run = inner if inner is not None else (lambda experts, *a: experts(*a))
+    mlp.experts_impl = _ExpertsRegion(SplitRegion(mlp.experts, mesh, run, OUTPUT_BIAS["experts"], _experts_bias))
 
 
 class _ExpertsRegion:
