@@ -67,10 +67,12 @@ def _loss(model):
 
 
 def _gradients(rank, root):
-    """Every parameter's gradient of one forward and backward, split over tp=2, gathered whole."""
+    """Every parameter's gradient of one forward and backward, split over tp=2, gathered whole; then
+    the model gathered as an export does (parameters and packed MXFP4 blocks)."""
     import torch
 
     from osstune.parallel import init_world, parallelize
+    from osstune.parallel.gather import gather_parameters
 
     world = init_world(ParallelConfig(tp=2), torch.device("cpu"))
     for experts in EXPERTS:
@@ -78,8 +80,10 @@ def _gradients(rank, root):
         loss = _loss(model)
         loss.backward()
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        gather_parameters(model, world, torch.float32)  # what a full fine-tuning export writes
         if rank == 0:
             torch.save({"loss": loss.detach(), **grads}, f"{root}/gradients-{experts}.pt")
+            torch.save(model.state_dict(), f"{root}/gathered-{experts}.pt")
 
 
 def _cfg(base, data, out, **kw):
@@ -136,6 +140,16 @@ def test_split_gradients_equal_one_process(runs, experts):
     assert ours.keys() == {n for n, _ in model.named_parameters()}
     for name, p in model.named_parameters():  # relative to the gradient's largest value
         assert (ours[name] - p.grad).abs().max() <= 2e-5 * p.grad.abs().max(), name
+
+
+@pytest.mark.parametrize("experts", EXPERTS)
+def test_gathered_model_equals_the_model_before_the_split(runs, experts):
+    import torch
+
+    _, _, root = runs
+    ours, ref = torch.load(root / f"gathered-{experts}.pt"), _model(experts).state_dict()
+    assert ours.keys() == ref.keys()
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
 
 
 @pytest.mark.parametrize("name", list(CASES))
