@@ -166,7 +166,8 @@ def test_tensor_parallel_equals_one_process(runs, name, tmp_path):
     ours, ref = load_file(root / name / kind / file), load_file(single.artifact / file)
     assert_same_weights(ours, ref, _cfg(base, "", "", **CASES[name][1]).optim.lr)
     if kind == "adapter":
-        assert (root / name / kind / "adapter_config.json").read_text() == (single.artifact / "adapter_config.json").read_text()
+        config = "adapter_config.json"
+        assert (root / name / kind / config).read_text() == (single.artifact / config).read_text()
         assert (root / name / "checkpoints" / "step-0000001" / ".metadata").is_file()
 
 
