@@ -4,8 +4,8 @@ and tp=2 x data 2 on 4 (FSDP2 shards the split tensors over the data pair).
 
 The split matrices sum their partial products over ranks in another order than one process does:
 every gradient agrees to 2e-5 of its largest value, losses to rtol 1e-5, trained weights as
-`distributed.assert_same_weights` says. The LoRA run is interrupted after step 1 and resumed from its
-sharded checkpoint. The saved adapter equals the one-process adapter (byte-equal config; the format
+`distributed.assert_same_weights` says. A LoRA run interrupted after step 1 and resumed from its
+sharded checkpoint equals the uninterrupted one exactly. The saved adapter equals the one-process adapter (byte-equal config; the format
 that tests/test_peft_interop.py loads in PEFT).
 """
 
@@ -26,8 +26,8 @@ TP = dict(parallel=ParallelConfig(tp=2))
 # move by up to lr/2 either way in AdamW's first step, g / (|g| + eps).
 FULL = dict(method="full", full_targets=("self_attn", "mlp", "norm"), optim=OptimConfig(lr=1e-3, eps=1e-6))
 # name -> (processes, config changes); the one-process reference reads the same global batch. "lora"
-# is interrupted after step 1 and resumed from its sharded checkpoint: a resume that lost the AdamW
-# state or a shard would move the weights by ~lr. Full fine-tuning on 2 x 2 (FSDP sharding the split
+# is run again, interrupted after step 1 and resumed from its sharded checkpoint (`resumed`). Full
+# fine-tuning on 2 x 2 (FSDP sharding the split
 # tensors over the data pair): one step keeps the test short. Packed MXFP4 experts (QLoRA): in the
 # gradient check, which trains their LoRA factors and biases.
 CASES = {
@@ -98,10 +98,12 @@ def _run(rank, world, base, data, root):
     for name, (n, kw) in CASES.items():
         if n != world:
             continue
-        cfg = _cfg(base, data, f"{root}/{name}", **kw)
-        losses = train(cfg, quiet=True, stop_after=1).losses if name == "lora" else []
-        result = train(cfg, quiet=True, resume=bool(losses))
-        Path(f"{root}/{name}/losses-{rank}.json").write_text(json.dumps(losses + result.losses))
+        result = train(_cfg(base, data, f"{root}/{name}", **kw), quiet=True)
+        Path(f"{root}/{name}/losses-{rank}.json").write_text(json.dumps(result.losses))
+    if world == 2:
+        cfg = _cfg(base, data, f"{root}/resumed", **CASES["lora"][1])
+        losses = train(cfg, quiet=True, stop_after=1).losses + train(cfg, quiet=True, resume=True).losses
+        Path(f"{root}/resumed/losses-{rank}.json").write_text(json.dumps(losses))
     if world == 4:  # tp=4 does not divide the tiny model's 2 key-value heads: refused before the model loads
         try:
             train(_cfg(base, data, f"{root}/bad", parallel=ParallelConfig(tp=4)), quiet=True)
@@ -168,7 +170,18 @@ def test_tensor_parallel_equals_one_process(runs, name, tmp_path):
     if kind == "adapter":
         config = "adapter_config.json"
         assert (root / name / kind / config).read_text() == (single.artifact / config).read_text()
-        assert (root / name / "checkpoints" / "step-0000001" / ".metadata").is_file()
+
+
+def test_resume_with_tensor_parallel_equals_the_uninterrupted_run(runs):
+    # The same layout, the same arithmetic: exact.
+    import torch
+
+    _, _, root = runs
+    assert (root / "resumed" / "checkpoints" / "step-0000001" / ".metadata").is_file()
+    assert _losses(root, "resumed", 2) == _losses(root, "lora", 2)
+    a = load_file(root / "resumed" / "adapter" / "adapter_model.safetensors")
+    b = load_file(root / "lora" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_tp_that_does_not_divide_the_heads_is_refused(runs):
