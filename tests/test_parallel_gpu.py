@@ -31,6 +31,7 @@ CASES = {
     "full": dict(method="full", full_targets=("self_attn", "mlp", "norm"), parallel=ParallelConfig()),
     # The fast path's attention and expert kernels on each GPU's shards.
     "tensor_parallel": dict(parallel=ParallelConfig(tp=2)),
+    "tensor_parallel_offload": dict(parallel=ParallelConfig(tp=2, offload=True)),
     "tensor_parallel_full": dict(
         method="full", full_targets=("self_attn", "mlp", "norm"), parallel=ParallelConfig(tp=2)
     ),
