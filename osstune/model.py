@@ -125,9 +125,10 @@ class Attention(nn.Module):
             q, k, v = self.qkv_impl(self, x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = apply_rotary(q.view(b, t, self.n_q, self.d), ctx.cos, ctx.sin)
-        k = apply_rotary(k.view(b, t, self.n_kv, self.d), ctx.cos, ctx.sin)
-        v = v.view(b, t, self.n_kv, self.d)
+        # Head counts from the shapes: under tensor parallel a rank holds some of the heads.
+        q = apply_rotary(q.view(b, t, -1, self.d), ctx.cos, ctx.sin)
+        k = apply_rotary(k.view(b, t, -1, self.d), ctx.cos, ctx.sin)
+        v = v.view(b, t, -1, self.d)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)
         if self.attention_impl is not None:
@@ -135,7 +136,7 @@ class Attention(nn.Module):
         else:
             allowed = ctx.sliding_allowed if self.window is not None else ctx.full_allowed
             out = sink_attention(q, k, v, self.sinks, allowed)
-        return self.o_proj(out.reshape(b, t, self.n_q * self.d))
+        return self.o_proj(out.reshape(b, t, -1))
 
 
 class Router(nn.Module):

@@ -12,6 +12,7 @@ def test_mesh_shapes():
     assert ParallelConfig().mesh_shape(4) == (1, 4, 1)
     assert ParallelConfig(data="replicate").mesh_shape(4) == (4, 1, 1)
     assert ParallelConfig(ep=2).mesh_shape(4) == (1, 4, 1)
+    assert ParallelConfig(tp=2).mesh_shape(4) == (1, 2, 2)
 
 
 @pytest.mark.parametrize(
@@ -19,7 +20,9 @@ def test_mesh_shapes():
     [
         (dict(ep=3), 4, "parallel.ep=3 must divide the 4"),
         (dict(ep=2, data="replicate"), 4, "parallel.data='replicate'"),
-        (dict(tp=2), 4, "tensor parallel is not built yet"),
+        (dict(tp=3), 4, "parallel.tp=3 does not divide the 4 processes"),
+        (dict(tp=2, ep=2), 4, "tensor and expert parallel do not combine yet"),
+        (dict(tp=2, data="replicate"), 4, "composes with sharded data parallel only"),
         (dict(offload=True, data="replicate"), 2, "needs parallel.data='shard'"),
     ],
 )
@@ -28,10 +31,11 @@ def test_bad_layouts_are_refused(kw, world, words):
         ParallelConfig(**kw).mesh_shape(world)
 
 
-def test_expert_parallel_needs_several_processes(monkeypatch):
+@pytest.mark.parametrize("kw", [dict(ep=2), dict(tp=2)])
+def test_expert_and_tensor_parallel_need_several_processes(monkeypatch, kw):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match="--nproc N"):
-        init_world(ParallelConfig(ep=2), torch.device("cpu"))
+        init_world(ParallelConfig(**kw), torch.device("cpu"))
     assert init_world(ParallelConfig(), torch.device("cpu")).size == 1
 
 
@@ -54,3 +58,35 @@ def test_nproc_checks_the_layout_before_starting_processes(tmp_path, capsys):
     args = ["train", "--nproc", "3", "--data", str(data), "--output", str(tmp_path / "run"), "--set", "parallel.ep=2"]
     assert main(args) == 1  # the CLI's user-error exit, before torchrun starts anything
     assert "parallel.ep=2 must divide the 3 data-parallel ranks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "changes, tp, words",
+    [
+        (dict(num_key_value_heads=2), 4, "parallel.tp=4 must divide num_key_value_heads=2"),
+        (dict(intermediate_size=130, num_key_value_heads=4, num_attention_heads=8), 4,
+         "parallel.tp=4 must divide the experts' intermediate_size=130"),
+        (dict(intermediate_size=96), 2, "the 3 MXFP4 blocks"),  # packed: blocks of 32 stay whole
+    ],
+)
+def test_a_tp_the_model_cannot_split_is_refused(changes, tp, words):
+    from osstune.config import PRESETS
+    from osstune.parallel.tensor import check_tensor_parallel
+
+    cfg = PRESETS["tiny"].replace(**changes)
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        check_tensor_parallel(cfg, tp, packed_experts=True, quantized_attention=False)
+    check_tensor_parallel(PRESETS["tiny"], 2, packed_experts=True, quantized_attention=False)  # 2 kv heads, 4 blocks
+    with pytest.raises(ValueError, match="attention_weights='mxfp4'"):
+        check_tensor_parallel(PRESETS["tiny"], 2, packed_experts=False, quantized_attention=True)
+
+
+def test_nproc_checks_the_heads_before_starting_processes(tmp_path, capsys):
+    from osstune.cli import main
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    args = ["train", "--nproc", "4", "--model", "tiny", "--data", str(data), "--output", str(tmp_path / "run"),
+            "--set", "parallel.tp=4"]  # fmt: skip
+    assert main(args) == 1
+    assert "parallel.tp=4 must divide num_key_value_heads=2" in capsys.readouterr().err

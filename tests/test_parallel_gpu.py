@@ -1,4 +1,4 @@
-"""Sharded data parallel and expert parallel on 2 GPUs over NCCL, bf16 and the fast path, against one
+"""Sharded data parallel, expert parallel and tensor parallel on 2 GPUs over NCCL, bf16 and the fast path, against one
 GPU on the same global batch; FSDP2's CPU offload (CUDA only). Run on a machine with 2+ GPUs:
 `python -m pytest -m multigpu tests/test_parallel_gpu.py`.
 
@@ -29,6 +29,12 @@ CASES = {
     "offload": dict(parallel=ParallelConfig(offload=True)),
     "expert_parallel": dict(parallel=ParallelConfig(ep=2)),
     "full": dict(method="full", full_targets=("self_attn", "mlp", "norm"), parallel=ParallelConfig()),
+    # The fast path's attention and expert kernels on each GPU's shards.
+    "tensor_parallel": dict(parallel=ParallelConfig(tp=2)),
+    "tensor_parallel_offload": dict(parallel=ParallelConfig(tp=2, offload=True)),
+    "tensor_parallel_full": dict(
+        method="full", full_targets=("self_attn", "mlp", "norm"), parallel=ParallelConfig(tp=2)
+    ),
 }
 
 
@@ -58,7 +64,8 @@ def test_two_gpus_equal_one_on_the_global_batch(runs, name, tmp_path):
 
     base, data, root = runs
     kw = {k: v for k, v in CASES[name].items() if k != "parallel"}
-    single = train(train_config(base, data, tmp_path / "single", grad_accum=WORLD, **GPU, **kw), quiet=True)
+    dp = WORLD // CASES[name]["parallel"].tp  # the tp pair reads one batch
+    single = train(train_config(base, data, tmp_path / "single", grad_accum=dp, **GPU, **kw), quiet=True)
     ours = json.loads((root / name / "losses-0.json").read_text())
     assert ours == pytest.approx(single.losses, rel=2e-2)
     assert (root / name / single.artifact.name).is_dir()

@@ -23,8 +23,8 @@ class ParallelConfig:
     # Free each layer's gathered weights after its forward (gather them again for the backward):
     # least memory. Off keeps them until the backward (ZeRO-2-like): one all-gather less per layer.
     reshard_after_forward: bool = True
-    # Ranks that split each attention and expert matrix (a mesh dimension is kept for it; the plans
-    # are not built yet, so only 1 is accepted).
+    # Ranks that split each attention and expert matrix (tensor parallel, osstune/parallel/tensor.py);
+    # they read the same batches. Must divide the model's key-value heads.
     tp: int = 1
     # Ranks that split the experts of each layer (all-to-all token dispatch); 1 = none.
     ep: int = 1
@@ -39,10 +39,14 @@ class ParallelConfig:
         for name in ("tp", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)} must be at least 1")
-        if self.tp > 1:
+        if self.tp > 1 and self.ep > 1:
             raise ValueError(
-                f"parallel.tp={self.tp}: tensor parallel is not built yet; use sharded data parallel "
-                "(parallel.data='shard') and, for many experts, expert parallel (parallel.ep)"
+                f"parallel.tp={self.tp} with parallel.ep={self.ep}: tensor and expert parallel do not combine yet; "
+                "choose one (ep for many experts, tp for large attention and expert matrices)"
+            )
+        if self.tp > 1 and self.data == "replicate":
+            raise ValueError(
+                f"parallel.tp={self.tp} composes with sharded data parallel only; use parallel.data='shard'"
             )
         if self.comm_every < 0:
             raise ValueError(f"parallel.comm_every={self.comm_every} must be 0 (off) or positive")

@@ -16,6 +16,8 @@ Frozen weights stay as loaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -30,11 +32,13 @@ def apply_fsdp(
     compute_dtype: torch.dtype,
     offload: bool = False,
     expert_mesh: DeviceMesh | None = None,
+    prepare_layer: Callable[[nn.Module], None] | None = None,
 ) -> nn.Module:
     """Shard `model` (a GptOss, LoRA or not) in place over `mesh` (1-D, or 2-D (replicate, shard)).
 
     expert_mesh: where expert parallel already split the experts over ranks, their remaining
     sharding mesh (the experts then form a unit of their own inside each layer).
+    prepare_layer: called on each decoder layer just before it is sharded (tensor parallel's split).
     """
     if compute_dtype != torch.float32:
         for p in model.parameters():
@@ -46,6 +50,8 @@ def apply_fsdp(
     placement = CPUOffloadPolicy() if offload else OffloadPolicy()
     common = dict(mp_policy=policy, offload_policy=placement)
     for layer in model.model.layers:
+        if prepare_layer is not None:
+            prepare_layer(layer)
         if expert_mesh is not None:
             fully_shard(layer.mlp.experts, mesh=expert_mesh, reshard_after_forward=reshard_after_forward, **common)
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, **common)

@@ -55,6 +55,14 @@ def gather_parameters(model: nn.Module, world: World, dtype: torch.dtype, names:
             for sub in module.modules():
                 if hasattr(sub, "num_experts"):
                     sub.num_experts = shard.num_experts
+    if names is None:  # a whole model is written: packed MXFP4 experts split by tensor parallel too
+        from osstune.parallel.tensor import gather_packed
+
+        for module in model.modules():
+            if hasattr(module, "tp_packed"):
+                whole = gather_packed(module)
+                if world.is_main:
+                    module._buffers.update({k: t.cpu() for k, t in whole.items()})
     for module_name, module in model.named_modules():
         for name, p in list(module._parameters.items()):
             full_name = f"{module_name}.{name}" if module_name else name

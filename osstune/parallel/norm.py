@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from osstune.parallel.experts import expert_parameter_names
 from osstune.parallel.world import World
@@ -24,7 +24,8 @@ def _distinct(p: torch.Tensor, expert: bool, world: World) -> int:
     parts = world.config.ep if expert else 1
     if isinstance(p, DTensor):
         for size, placement in zip(p.device_mesh.shape, p.placements):
-            if isinstance(placement, Shard):
+            # FSDP's shard over a tp shard of the same dimension is a _StridedShard, not a Shard.
+            if not placement.is_replicate():
                 parts *= size
     return parts
 

@@ -1,8 +1,9 @@
-"""`parallelize`: apply the plans a World's config asks for, in the order they compose (expert
-parallel, then data parallel over what is left; tensor parallel would come first), torchtitan's order."""
+"""`parallelize`: apply the plans a World's config asks for, in the order they compose (tensor or
+expert parallel, then data parallel over what is left), torchtitan's order."""
 
 from __future__ import annotations
 
+import functools
 from typing import TypeVar
 
 import torch
@@ -19,7 +20,12 @@ def parallelize(model: nn.Module, world: World, compute_dtype: torch.dtype) -> n
     if not world.distributed:
         return model
     cfg, mesh = world.config, world.meshes
-    expert_mesh = None
+    expert_mesh, prepare_layer = None, None
+    if cfg.tp > 1:
+        from osstune.parallel.tensor import check_model, split_layer
+
+        check_model(model, cfg.tp)
+        prepare_layer = functools.partial(split_layer, mesh=mesh["tp"])
     if cfg.ep > 1:
         from osstune.parallel.experts import apply_ep
 
@@ -32,6 +38,7 @@ def parallelize(model: nn.Module, world: World, compute_dtype: torch.dtype) -> n
         compute_dtype=compute_dtype,
         offload=cfg.offload,
         expert_mesh=expert_mesh,
+        prepare_layer=prepare_layer,
     )
     return model
 

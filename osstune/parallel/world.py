@@ -82,11 +82,12 @@ def init_world(cfg: ParallelConfig, device: torch.device) -> World:
     `device` is the run's device kind; under torchrun on CUDA each process takes cuda:LOCAL_RANK.
     """
     if not launched():
-        if cfg.ep > 1:
-            raise ValueError(
-                f"parallel.ep={cfg.ep} splits experts over several processes; start them with "
-                "`osstune train --nproc N` or `torchrun --nproc-per-node N -m osstune train`"
-            )
+        for name in ("ep", "tp"):
+            if getattr(cfg, name) > 1:
+                raise ValueError(
+                    f"parallel.{name}={getattr(cfg, name)} splits the model over several processes; start them "
+                    "with `osstune train --nproc N` or `torchrun --nproc-per-node N -m osstune train`"
+                )
         return World(0, 1, device, None, cfg)
     size = int(os.environ["WORLD_SIZE"])
     replicate, shard, tp = cfg.mesh_shape(size)  # checks before any process group exists

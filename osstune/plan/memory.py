@@ -284,7 +284,7 @@ def estimate(
         # Frozen weights, and trained ones other than LoRA factors (full fine-tuning, router, sinks).
         weights=degrees.split_dense(counted.weights - counted.experts + counted.trainable - counted.adapters)
         + degrees.split_experts(counted.experts),
-        embedding=degrees.split_dense(embedding),
+        embedding=degrees.split_embedding(embedding),
         adapters=degrees.split_dense(counted.adapters),
         gradients=degrees.split_dense(counted.trainable),
         optimizer=degrees.split_dense(optimizer),

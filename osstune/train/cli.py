@@ -158,6 +158,9 @@ def run_train(args: argparse.Namespace) -> int:
         from osstune.parallel.launch import launch_train
 
         cfg.parallel.mesh_shape(args.nproc)  # a layout that cannot fit fails here, once, not in every process
+        from osstune.train.sharded import check_tensor_parallel_for
+
+        check_tensor_parallel_for(cfg)
         flags = ["--resume"] * args.resume + ["--quiet"] * args.quiet
         flags += ["--stop-after", str(args.stop_after)] if args.stop_after is not None else []
         return launch_train(args.nproc, to_dict(cfg), flags)

@@ -26,10 +26,32 @@ def check_options(cfg: TrainConfig, world: World) -> None:
                 f"memory.{name}='cpu' is for one process; with {world.size} processes set it to 'gpu' "
                 "(parallel.offload keeps the sharded weights and optimizer in host memory instead)"
             )
+    check_tensor_parallel_for(cfg)
     if cfg.optim.moments == "int8":
         raise ValueError("optim.moments='int8' is for one process; use float32 moments with several (they are sharded)")
     if cfg.parallel.offload and world.device.type != "cuda":
         raise ValueError("parallel.offload (FSDP2's CPUOffloadPolicy) needs CUDA devices; this run is on the CPU")
+
+
+def check_tensor_parallel_for(cfg: TrainConfig) -> None:
+    """The model's head counts and expert sizes against parallel.tp, read from its config (nothing
+    loaded): at `osstune train --nproc` before any process starts, and in each process."""
+    if cfg.parallel.tp == 1:
+        return
+    from osstune.checkpoint import load_config, resolve_checkpoint
+    from osstune.config import PRESETS
+    from osstune.parallel.tensor import check_tensor_parallel
+
+    model = PRESETS[cfg.model] if cfg.model in PRESETS else load_config(resolve_checkpoint(cfg.model))
+    frozen = cfg.method == "qlora" or (
+        cfg.method == "full" and not any(t in ("all", "experts", "mlp.experts") for t in cfg.full_targets)
+    )
+    check_tensor_parallel(
+        model,
+        cfg.parallel.tp,
+        packed_experts=frozen and model.expert_format == "mxfp4",
+        quantized_attention=cfg.attention_weights == "mxfp4",
+    )
 
 
 def save(

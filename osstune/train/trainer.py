@@ -234,7 +234,8 @@ def _train(
     model = _prepare_model(cfg, device, dtype, notes, torch.device("cpu") if world.distributed else None, fast=fast)
     model = parallel.parallelize(model, world, dtype)
     if world.distributed:
-        torch.manual_seed(cfg.seed + 1 + world.rank)  # every rank its own dropout masks
+        # Every data rank its own dropout masks; the tp ranks of a group share theirs (same activations).
+        torch.manual_seed(cfg.seed + 1 + world.dp_rank)
     model.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     norm = parallel.grad_norm_fn(model, world) if world.distributed else None
