@@ -6,7 +6,8 @@ sliding window of 128 tokens, odd layers everything; YaRN rotary embeddings; a t
 softmax over the selected logits; experts with a clamped SwiGLU on interleaved gate/up columns.
 
 Module and parameter names equal the Hugging Face checkpoint names, so a state dict is a checkpoint.
-This file imports no kernel.
+This file imports no kernel. How attention, experts and checkpointing execute is one `ExecutionPolicy`,
+installed on the model in one call (`model.set_execution`); its default is this file's plain PyTorch.
 
 Shape legend: B batch, T query tokens, S key tokens (cache + T), H hidden, Q query heads,
 K key/value heads, G = Q / K, D head dim, E experts, I expert intermediate, N routed tokens, V vocab.
@@ -14,6 +15,7 @@ K key/value heads, G = Q / K, D head dim, E experts, I expert intermediate, N ro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,17 +114,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * self.d)
         self.o_proj = nn.Linear(self.n_q * self.d, h)
         self.sinks = nn.Parameter(torch.zeros(self.n_q))
-        # Hooks for fused kernels (osstune.fast sets them); plain attributes, not submodules, so the
-        # state dict stays the checkpoint's.
-        # (attention, x (B, T, H)) -> q (B, T, Q*D), k, v (B, T, K*D): the three projections at once.
-        self.qkv_impl: Callable | None = None
-        # (q, k, v, sinks, window, ctx) -> (B, T, Q, D).
-        self.attention_impl: Callable | None = None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, t, _ = x.shape
-        if self.qkv_impl is not None:
-            q, k, v = self.qkv_impl(self, x)
+        run = ctx.execution
+        if run.qkv is not None:
+            q, k, v = run.qkv(self, x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # Head counts from the shapes: under tensor parallel a rank holds some of the heads.
@@ -131,8 +128,8 @@ class Attention(nn.Module):
         v = v.view(b, t, -1, self.d)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)
-        if self.attention_impl is not None:
-            out = self.attention_impl(q, k, v, self.sinks, self.window, ctx)
+        if run.attention is not None:
+            out = run.attention(q, k, v, self.sinks, self.window, ctx)
         else:
             allowed = ctx.sliding_allowed if self.window is not None else ctx.full_allowed
             out = sink_attention(q, k, v, self.sinks, allowed)
@@ -230,16 +227,13 @@ class MoE(nn.Module):
         super().__init__()
         self.router = Router(cfg)
         self.experts = MXFP4Experts(cfg) if cfg.expert_format == "mxfp4" else Experts(cfg)
-        # Hook for a fused kernel (osstune.fast sets it): (experts, x, idx, weights) -> (N, H). It gets
-        # the current experts module on every call, so wrapping or replacing `experts` later stays seen.
-        self.experts_impl: Callable | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, execution: ExecutionPolicy | None = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         idx, weights = self.router(x)
-        if self.experts_impl is not None:
-            return self.experts_impl(self.experts, x, idx, weights).view(shape)
+        if execution is not None and execution.experts is not None:
+            return execution.experts(self.experts, x, idx, weights).view(shape)
         return self.experts(x, idx, weights).view(shape)
 
 
@@ -253,7 +247,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), ctx.execution)
 
 
 class KVCache:
@@ -276,6 +270,58 @@ class KVCache:
         return k, v
 
 
+@dataclass(frozen=True)
+class ExecutionPolicy:
+    """How the model's operations execute. Every field None is the plain-PyTorch reference of this
+    file (`REFERENCE`, the model's default); a field set replaces that one operation in every layer.
+
+    The model holds one policy (`GptOss.set_execution`, `GptOss.execution`) and hands it to its layers
+    in the `ForwardContext` of each forward pass; it is no part of the state dict. The fields are
+    plain functions (or callable objects) that receive the module they stand in for on every call,
+    so wrapping or replacing a projection or the experts later (LoRA) is seen. Who fills them:
+    osstune.fast (kernels), osstune.parallel (expert-parallel dispatch), osstune.offload (the layer
+    checkpoint with inputs in host memory); each changes only its own fields (`replace`).
+    """
+
+    # (attention, x (B, T, H)) -> q (B, T, Q*D), k, v (B, T, K*D): the three projections at once.
+    qkv: Callable | None = None
+    # (q (B, T, Q, D), k, v (B, S, K, D), sinks (Q,), window, ctx) -> (B, T, Q, D).
+    attention: Callable | None = None
+    # (experts module, x (N, H), idx (N, k), weights (N, k)) -> (N, H).
+    experts: Callable | None = None
+    # (layer, x, ctx) -> the layer's output, recomputing the layer in the backward: replaces
+    # torch.utils.checkpoint where `gradient_checkpointing` applies.
+    checkpoint: Callable | None = None
+    # torch.utils.checkpoint's context_fn (a selective policy), and its preserve_rng_state (off while
+    # a CUDA graph records, which cannot read the generator).
+    checkpoint_context: Callable | None = None
+    checkpoint_preserve_rng: bool = True
+
+    def replace(self, **changes) -> ExecutionPolicy:
+        return dataclasses.replace(self, **changes)
+
+    def checkpoint_kwargs(self) -> dict:
+        """Keyword arguments for torch.utils.checkpoint beyond use_reentrant=False (none by default)."""
+        kwargs: dict = {}
+        if self.checkpoint_context is not None:
+            kwargs["context_fn"] = self.checkpoint_context
+        if not self.checkpoint_preserve_rng:
+            kwargs["preserve_rng_state"] = False
+        return kwargs
+
+    def describe(self) -> str:
+        """"reference", or the fields that differ from it: "attention=fast_attention, experts=...". """
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != f.default:
+                parts.append(f"{f.name}={getattr(value, '__name__', None) or type(value).__name__}")
+        return ", ".join(parts) or "reference"
+
+
+REFERENCE = ExecutionPolicy()
+
+
 @dataclass
 class ForwardContext:
     """What every layer of one forward pass shares: rotary tables, token indices, documents, the cache.
@@ -291,6 +337,7 @@ class ForwardContext:
     sliding_window: int
     doc_ids: torch.Tensor | None = None  # (B, T)
     cache: KVCache | None = None
+    execution: ExecutionPolicy = REFERENCE
 
     @functools.cached_property
     def full_allowed(self) -> torch.Tensor:
@@ -319,12 +366,21 @@ class GptOss(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
-        # Extra keyword arguments of torch.utils.checkpoint.checkpoint (e.g. a selective policy's
-        # context_fn, set by osstune.fast).
-        self.checkpoint_options: dict = {}
-        # Replaces that checkpoint when set: (layer, x, ctx) -> the layer's output, with the layer
-        # recomputed in the backward (osstune.offload.ActivationOffload keeps x in host memory).
-        self.checkpoint_impl: Callable | None = None
+        self._execution = REFERENCE
+
+    @property
+    def execution(self) -> ExecutionPolicy:
+        """How this model's attention, experts and checkpointing run (`ExecutionPolicy`)."""
+        return self._execution
+
+    def set_execution(self, policy: ExecutionPolicy | None) -> ExecutionPolicy:
+        """Install `policy` (None: the reference) for every later forward; returns the one it replaces,
+        so `model.set_execution(previous)` undoes it."""
+        policy = REFERENCE if policy is None else policy
+        if not isinstance(policy, ExecutionPolicy):
+            raise TypeError(f"set_execution takes an osstune.model.ExecutionPolicy or None, not {type(policy).__name__}")
+        previous, self._execution = self._execution, policy
+        return previous
 
     def forward(
         self,
@@ -359,13 +415,14 @@ class GptOss(nn.Module):
         if position_ids is None:
             position_ids = q_index.unsqueeze(0).expand(b, t)
         cos, sin = self.model.rotary(position_ids)
-        ctx = ForwardContext(cos, sin, q_index, k_index, self.config.sliding_window, doc_ids, cache)
+        run = self._execution
+        ctx = ForwardContext(cos, sin, q_index, k_index, self.config.sliding_window, doc_ids, cache, run)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                if self.checkpoint_impl is not None:
-                    x = self.checkpoint_impl(layer, x, ctx)
+                if run.checkpoint is not None:
+                    x = run.checkpoint(layer, x, ctx)
                 else:
-                    x = checkpoint(layer, x, ctx, use_reentrant=False, **self.checkpoint_options)
+                    x = checkpoint(layer, x, ctx, use_reentrant=False, **run.checkpoint_kwargs())
             else:
                 x = layer(x, ctx)
         x = self.model.norm(x)

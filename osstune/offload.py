@@ -139,11 +139,15 @@ def offload_embedding(model: GptOss, device: torch.device | str | None = None) -
 
 
 def offload_activations(model: GptOss) -> ActivationOffload:
-    """Checkpoint `model`'s layers with their inputs in host memory (see `ActivationOffload`).
-    Takes effect where the per-layer checkpoint would: `model.gradient_checkpointing` on, training."""
-    if not isinstance(model.checkpoint_impl, ActivationOffload):
-        model.checkpoint_impl = ActivationOffload()
-    return model.checkpoint_impl
+    """Checkpoint `model`'s layers with their inputs in host memory (see `ActivationOffload`): the
+    `checkpoint` field of `model.execution`, the other fields kept. Takes effect where the per-layer
+    checkpoint would: `model.gradient_checkpointing` on, training. Undo:
+    `model.set_execution(model.execution.replace(checkpoint=None))`."""
+    run = model.execution
+    if not isinstance(run.checkpoint, ActivationOffload):
+        run = run.replace(checkpoint=ActivationOffload())
+        model.set_execution(run)
+    return run.checkpoint
 
 
 @dataclass(eq=False)
@@ -159,7 +163,7 @@ class _Stash:
 
 
 class ActivationOffload:
-    """`GptOss.checkpoint_impl` that keeps each layer's input in host memory.
+    """`ExecutionPolicy.checkpoint` that keeps each layer's input in host memory.
 
     Forward: the layer runs without building a graph (as torch's checkpoint does) while its input
     is copied to pinned host memory on a side stream. Backward: the input comes back, the layer is
@@ -168,10 +172,10 @@ class ActivationOffload:
 
     The layer's trainable parameters are inputs of the autograd node, so their gradients reach
     `.grad` through the usual engine (and `torch.autograd.grad`), as with torch's checkpoint.
-    Differences from `torch.utils.checkpoint`: `model.checkpoint_options` (selective policies) do
-    not apply, autocast is not replayed (osstune trains without it), and a graph can be
-    backpropagated once (no retain_graph). The attention and experts hooks (osstune.fast) are
-    called inside the layer as usual.
+    Differences from `torch.utils.checkpoint`: the policy's `checkpoint_context` (selective policies)
+    does not apply, autocast is not replayed (osstune trains without it), and a graph can be
+    backpropagated once (no retain_graph). The policy's attention and experts functions (osstune.fast)
+    are called inside the layer as usual.
     """
 
     def __init__(self) -> None:

@@ -29,7 +29,7 @@ from osstune.fast import (
     use_fast_path,
 )
 from osstune.lora import LoraConfig, apply_lora
-from osstune.model import GptOss, KVCache, init_weights
+from osstune.model import REFERENCE, GptOss, KVCache, init_weights
 from osstune.train.loss import IGNORE, cross_entropy_sum, cross_entropy_sum_ref
 
 # Two layers: one sliding-window, one full (Triton's interpreter is slow).
@@ -149,11 +149,11 @@ def test_enable_keeps_state_dict_and_disable_restores_reference():
     ref = model(ids)
     enable_fast_path(model, FastPathOptions(checkpoint="keep_expert_gemms"))
     assert list(model.state_dict()) == names
-    assert all(layer.self_attn.attention_impl is fast_attention for layer in model.model.layers)
-    assert all(layer.mlp.experts_impl is fast_experts for layer in model.model.layers)
-    assert "context_fn" in model.checkpoint_options
+    run = model.execution
+    assert run.attention is fast_attention and run.experts is fast_experts
+    assert "context_fn" in run.checkpoint_kwargs()
     disable_fast_path(model)
-    assert model.checkpoint_options == {} and model.model.layers[0].mlp.experts_impl is None
+    assert model.execution == REFERENCE
     torch.testing.assert_close(model(ids), ref, rtol=0, atol=0)
 
 
@@ -239,16 +239,16 @@ def test_packed_qkv_get_the_fused_hook_and_disable_removes_it():
 
     dense = init_weights(GptOss(CPU_CFG), seed=14)
     assert enable_fast_path(dense, FastPathOptions(attention=False, experts=False)).fused_qkv_layers == 0
-    assert all(layer.self_attn.qkv_impl is None for layer in dense.model.layers)
+    assert dense.execution.qkv is None
 
     model = init_weights(GptOss(CPU_CFG), seed=14)
     quantize_attention(model)
     names = list(model.state_dict())
     off = enable_fast_path(model, FastPathOptions(attention=False, experts=False, fuse_qkv=False))
-    assert off.fused_qkv_layers == 0 and model.model.layers[0].self_attn.qkv_impl is None
+    assert off.fused_qkv_layers == 0 and model.execution.qkv is None
     summary = enable_fast_path(model, FastPathOptions(attention=False, experts=False))
     assert summary.fused_qkv_layers == CPU_CFG.num_hidden_layers and list(model.state_dict()) == names
-    assert all(layer.self_attn.qkv_impl is fast_qkv for layer in model.model.layers)
+    assert model.execution.qkv is fast_qkv
     assert all(shared_mxfp4_weight(packed_qkv(layer.self_attn)) is not None for layer in model.model.layers)
     # LoRA added after enabling: the hook finds the wrappers on its next call.
     apply_lora(model, LoraConfig(r=4, targets="attention"), seed=15)
@@ -260,7 +260,7 @@ def test_packed_qkv_get_the_fused_hook_and_disable_removes_it():
     with torch.no_grad():
         fast = model(ids)
         disable_fast_path(model)
-        assert all(layer.self_attn.qkv_impl is None for layer in model.model.layers)
+        assert model.execution.qkv is None
         ref = model(ids)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
 

@@ -176,7 +176,7 @@ def test_offloaded_checkpoint_is_opt_in_per_forward_and_says_why_no_graph(base):
     impl = offload_activations(model)
     assert isinstance(impl, ActivationOffload) and offload_activations(model) is impl
     assert "host memory (memory.activations: cpu)" in why_not_graphed(model)
-    assert isinstance(copy.deepcopy(model).checkpoint_impl, ActivationOffload)
+    assert isinstance(copy.deepcopy(model).execution.checkpoint, ActivationOffload)
     # Evaluation (no grad) runs the layers directly; a second backward through one graph is refused.
     ids = _batch(4)[0]
     with torch.no_grad():

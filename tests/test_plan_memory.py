@@ -1,6 +1,6 @@
 """The planner's memory model against what is really allocated.
 
-Static terms: the tiny model as the trainer prepares it (its real `_prepare_model`, for every method
+Static terms: the tiny model as the trainer prepares it (its real `prepare_model`, for every method
 and option), the optimizer as MasterAdamW really builds its state, and the 20b/120b shapes against
 hand formulas and the sizes measured in docs/PERFORMANCE.md. Activations: the peaks measured on an
 H100 in docs/PERFORMANCE.md (cited row by row), within the 10% the planner promises.
@@ -58,11 +58,11 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c.get('lora', LoraConfig()).targets}")
 def test_counted_bytes_equal_the_prepared_tiny_model(case, tiny_mxfp4):
-    from osstune.train.trainer import _prepare_model
+    from osstune.train.prepare import prepare_model
 
     packed = case["method"] == "qlora" or case.get("full_targets") == ("self_attn",)
     cfg = TrainConfig(model=tiny_mxfp4 if packed else "tiny", **case)
-    model = _prepare_model(cfg, torch.device("cpu"), BF16)
+    model = prepare_model(cfg, torch.device("cpu"), BF16)
     total, lora, trainable, numels = _held(model)
     counted = count_bytes(cfg, model_config(cfg.model), BF16)
     embedding_on_gpu = counted.embedding if cfg.memory.embedding == "gpu" else 0
@@ -78,10 +78,10 @@ def test_counted_bytes_equal_the_prepared_tiny_model(case, tiny_mxfp4):
 @pytest.mark.parametrize("moments", ["float32", "int8"])
 def test_optimizer_bytes_equal_master_adamw_state(moments):
     from osstune.train.optim import MasterAdamW
-    from osstune.train.trainer import _prepare_model
+    from osstune.train.prepare import prepare_model
 
     cfg = TrainConfig(model="tiny", lora=LoraConfig(targets="all", train_router=True), optim=OptimConfig(moments=moments))
-    model = _prepare_model(cfg, torch.device("cpu"), BF16)
+    model = prepare_model(cfg, torch.device("cpu"), BF16)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = MasterAdamW(trainable, cfg.optim)
     for _, p in trainable:

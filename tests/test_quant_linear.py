@@ -342,7 +342,7 @@ def _fuse_all(model: GptOss) -> None:
 
     for layer in model.model.layers:
         fuse_mxfp4_storage(packed_qkv(layer.self_attn))
-        layer.self_attn.qkv_impl = fast_qkv
+    model.set_execution(model.execution.replace(qkv=fast_qkv))
 
 
 def _randomize_biases(model: GptOss, seed: int) -> None:

@@ -131,7 +131,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base, data, tmp_path,
 
 def test_resume_refuses_a_different_config_before_any_compute(base, data, tmp_path, monkeypatch):
     trainer_mod.train(_cfg(base, data, tmp_path / "run"), quiet=True, stop_after=2)
-    monkeypatch.setattr(trainer_mod, "_prepare_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(trainer_mod, "prepare_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ResumeError, match=r"optim.lr: checkpoint 0.005, now 0.001"):
         trainer_mod.train(_cfg(base, data, tmp_path / "run", optim=OptimConfig(lr=1e-3, warmup_steps=2)), resume=True)
     with pytest.raises(ResumeError, match="already holds a run"):
@@ -145,7 +145,7 @@ def test_invalid_data_fails_before_the_model_loads(base, tmp_path, monkeypatch):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "wizard", "content": "x"}]}\n')
-    monkeypatch.setattr(trainer_mod, "_prepare_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(trainer_mod, "prepare_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(DataError, match=r"bad.jsonl:2"):
         trainer_mod.train(_cfg(base, bad, tmp_path / "run"))
     with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
@@ -186,8 +186,8 @@ def _train_qlora(data, tmp_path, monkeypatch, **kw):
 
     packed = create_checkpoint("tiny", tmp_path / "mxfp4", mxfp4=True, seed=1)
     seen = []
-    real = trainer_mod._prepare_model
-    monkeypatch.setattr(trainer_mod, "_prepare_model", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    real = trainer_mod.prepare_model
+    monkeypatch.setattr(trainer_mod, "prepare_model", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     result = trainer_mod.train(_cfg(packed, data, tmp_path / "run", method="qlora", **kw))
     assert all(math.isfinite(x) for x in result.losses)
     assert (result.artifact / "adapter_model.safetensors").is_file()
@@ -230,7 +230,7 @@ def test_mxfp4_attention_needs_qlora():
 
 
 def test_qlora_on_a_bf16_checkpoint_is_refused_before_compute(base, data, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "_prepare_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(trainer_mod, "prepare_model", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match="stores bf16 experts"):
         trainer_mod.train(_cfg(base, data, tmp_path / "run", method="qlora"))
 
@@ -238,10 +238,11 @@ def test_qlora_on_a_bf16_checkpoint_is_refused_before_compute(base, data, tmp_pa
 def test_checkpoint_policy_reaches_the_fast_path():
     cfg = TrainConfig(model="tiny", fast="always", device="cpu", checkpoint_policy="keep_expert_gemms",
                       lora=LoraConfig(r=8, alpha=16, targets="all"))
-    model = trainer_mod._prepare_model(cfg, torch.device("cpu"), torch.float32)
-    assert "context_fn" in model.checkpoint_options  # the selective policy, not plain layer recomputation
-    plain = trainer_mod._prepare_model(dataclasses.replace(cfg, checkpoint_policy="layer"), torch.device("cpu"), torch.float32)
-    assert plain.checkpoint_options == {}
+    model = trainer_mod.prepare_model(cfg, torch.device("cpu"), torch.float32)
+    # The selective policy, not plain layer recomputation.
+    assert "context_fn" in model.execution.checkpoint_kwargs()
+    plain = trainer_mod.prepare_model(dataclasses.replace(cfg, checkpoint_policy="layer"), torch.device("cpu"), torch.float32)
+    assert plain.execution.checkpoint_kwargs() == {}
 
 
 @pytest.mark.parametrize("change", [dict(fast="never"), dict(gradient_checkpointing=False),

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from osstune.errors import OsstuneError
-from osstune.fast.hooks import fast_attention, fast_experts, reference_reason
+from osstune.fast.hooks import KERNEL_HEAD_DIMS, fast_attention, fast_experts, reference_reason
 from osstune.model import Attention, GptOss, MoE
 from osstune.offload import ActivationOffload, HostEmbedding
 
@@ -49,7 +49,8 @@ class GraphCaptureError(OsstuneError, RuntimeError):
 
 def why_not_graphed(model: GptOss) -> str | None:
     """Why the training step of `model` cannot be recorded as a CUDA graph, or None when it can."""
-    if model.gradient_checkpointing and isinstance(model.checkpoint_impl, ActivationOffload):
+    run = model.execution
+    if model.gradient_checkpointing and isinstance(run.checkpoint, ActivationOffload):
         return (
             "layer inputs go to host memory (memory.activations: cpu), copies a CUDA graph cannot record; "
             "the step runs eagerly"
@@ -57,9 +58,9 @@ def why_not_graphed(model: GptOss) -> str | None:
     if not next(model.parameters()).is_cuda:
         return "the model is not on a CUDA device"
     for name, m in model.named_modules():
-        if isinstance(m, Attention) and m.attention_impl is not fast_attention:
+        if isinstance(m, Attention) and (run.attention is not fast_attention or m.d not in KERNEL_HEAD_DIMS):
             return f"{name} is not on the fast path"
-        if isinstance(m, MoE) and (m.experts_impl is not fast_experts or reference_reason(m.experts, True)):
+        if isinstance(m, MoE) and (run.experts is not fast_experts or reference_reason(m.experts, True)):
             return f"{name}.experts is not on the fast path"
         if isinstance(m, nn.Dropout) and m.p > 0:
             return f"{name} applies dropout {m.p}"
@@ -173,10 +174,9 @@ class GraphedStep:
     def _capture(self, *batch) -> None:
         self.inputs = self._to_device(*batch)
         self.shape = tuple(batch[0].shape)
-        options = self.model.checkpoint_options
         # Capture forbids reading the CUDA generator, which the checkpoint does to replay dropout
         # masks; why_not_graphed guarantees there is no dropout to replay.
-        self.model.checkpoint_options = dict(options, preserve_rng_state=False)
+        previous = self.model.set_execution(self.model.execution.replace(checkpoint_preserve_rng=False))
         torch.cuda.synchronize()
         # The eager warm-up steps left their activations' blocks cached for the side stream; the graph
         # allocates from a private pool of its own, so those blocks would stay reserved beside it for
@@ -193,5 +193,5 @@ class GraphedStep:
                 "(--set fast=never) and report this"
             ) from e
         finally:
-            self.model.checkpoint_options = options
+            self.model.set_execution(previous)
         self.graph = graph

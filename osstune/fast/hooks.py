@@ -1,9 +1,11 @@
-"""The reference model's attention and experts through our kernels, by filling the model's hooks.
+"""The reference model's attention and experts through our kernels: the fast path as the model's
+execution policy (`osstune.model.ExecutionPolicy`).
 
-`enable_fast_path(model)` sets `Attention.attention_impl`, `Attention.qkv_impl`, `MoE.experts_impl`
-and `GptOss.checkpoint_options`; it changes no module, parameter or state-dict name, so checkpoints,
-adapters and `disable_fast_path` work as before. The loss's fused kernel is chosen in
-`osstune.train.loss` (on CUDA).
+`enable_fast_path(model)` fills the policy's `attention`, `qkv`, `experts` and `checkpoint_context`
+fields and leaves the others as they are (a `checkpoint` function such as host-memory offload); it
+changes no module, parameter or state-dict name, so checkpoints, adapters and `disable_fast_path` work
+as before. Where it runs in the trainer's preparation, and why there: osstune/train/prepare.py. The
+loss's fused kernel is chosen in `osstune.train.loss` (on CUDA).
 
 - Attention: `sink_flash_attention` with the layer's window and the batch's `doc_ids`; no dense
   (T, T) mask is built. With a KV cache (generation) the reference runs: the kernel trains, it
@@ -19,7 +21,8 @@ adapters and `disable_fast_path` work as before. The loss's fused kernel is chos
   the adapter's per-expert pairs as `ExpertLoRA` (a projection the adapter does not target gets a
   zero pair). Expert LoRA with dropout while training stays on the reference loop (the kernels apply
   none). Each case is decided per call from the module found there, so wrapping the experts after
-  enabling stays correct.
+  enabling stays correct. Experts that already run through another policy (expert parallel's
+  dispatch, osstune.parallel.experts) are refused: enable the fast path before parallelizing.
 - Router: the reference's top-k and softmax, unchanged.
 - Gradient checkpointing, `checkpoint`: "layer" recomputes each decoder layer in the backward (the
   reference policy); "keep_expert_gemms" recomputes the layer but keeps the outputs of its two base
@@ -62,7 +65,7 @@ from osstune.quant.linear import (
 
 CHECKPOINT_POLICIES = ("layer", "keep_expert_gemms")
 # Head dims the attention kernel compiles for (osstune.kernels.attention).
-_KERNEL_HEAD_DIMS = (16, 32, 64)
+KERNEL_HEAD_DIMS = (16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -96,39 +99,52 @@ def use_fast_path(mode: str, device: torch.device) -> bool:
 
 
 def enable_fast_path(model: GptOss, options: FastPathOptions = FastPathOptions()) -> FastPathSummary:
-    """Route `model`'s attention and experts through the kernels (see the module docstring).
+    """Route `model`'s attention and experts through the kernels (see the module docstring): install
+    the fast path's fields of `model.execution`, keeping the rest. Warns when a layer stays on the
+    reference.
 
-    Call it after `apply_lora`: the "keep_expert_gemms" policy tells base from LoRA GEMMs by the
-    adapters' rank. Warns when a layer stays on the reference.
+    Call it after `apply_lora` (the "keep_expert_gemms" policy tells base from LoRA GEMMs by the
+    adapters' rank), after `quantize_attention` and once the model has its device (q/k/v share one
+    buffer from here on), and before expert parallel (whose dispatch owns the experts).
     """
+    current = model.execution
+    if current.experts not in (None, fast_experts):
+        raise ValueError(
+            f"enable_fast_path: the experts already run through {current.describe()} (expert parallel's "
+            "dispatch, installed by osstune.parallel); enable the fast path first, then parallelize "
+            "(osstune.train.prepare runs them in that order)"
+        )
     reference = []
     n_attention = n_experts = n_qkv = 0
     for name, module in model.named_modules():
         if isinstance(module, Attention):
-            module.attention_impl = module.qkv_impl = None
             layers = packed_qkv(module) if options.fuse_qkv else None
             if layers is not None:
                 fuse_mxfp4_storage(layers)
-                module.qkv_impl = fast_qkv
                 n_qkv += 1
-            if options.attention and module.d in _KERNEL_HEAD_DIMS:
-                module.attention_impl = fast_attention
+            if options.attention and module.d in KERNEL_HEAD_DIMS:
                 n_attention += 1
             elif options.attention:
-                reference.append(f"{name}: head dim {module.d} (the kernel takes {_KERNEL_HEAD_DIMS})")
-        elif isinstance(module, MoE):
-            module.experts_impl = fast_experts if options.experts else None
-            if options.experts:
-                why = reference_reason(module.experts, training=True)
-                if why:
-                    reference.append(f"{name}.experts: {why}")
-                else:
-                    _check_packed_scales(module.experts, f"{name}.experts")
-                    n_experts += 1
-    model.checkpoint_options = {}
+                reference.append(f"{name}: head dim {module.d} (the kernel takes {KERNEL_HEAD_DIMS})")
+        elif isinstance(module, MoE) and options.experts:
+            why = reference_reason(module.experts, training=True)
+            if why:
+                reference.append(f"{name}.experts: {why}")
+            else:
+                _check_packed_scales(module.experts, f"{name}.experts")
+                n_experts += 1
+    context = None
     if options.checkpoint == "keep_expert_gemms":
         policy = functools.partial(_keep_expert_gemms, max_rank=_max_expert_rank(model))
-        model.checkpoint_options = {"context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
+        context = functools.partial(create_selective_checkpoint_contexts, policy)
+    model.set_execution(
+        current.replace(
+            qkv=fast_qkv if n_qkv else None,
+            attention=fast_attention if options.attention else None,
+            experts=fast_experts if options.experts else None,
+            checkpoint_context=context,
+        )
+    )
     if reference:
         shown = "; ".join(reference[:3]) + (f"; and {len(reference) - 3} more" if len(reference) > 3 else "")
         warnings.warn(f"fast path: {len(reference)} module(s) stay on the reference path: {shown}", stacklevel=2)
@@ -144,25 +160,31 @@ def _check_packed_scales(experts: nn.Module, name: str) -> None:
 
 
 def disable_fast_path(model: GptOss) -> None:
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.attention_impl = module.qkv_impl = None  # q/k/v keep sharing one buffer: harmless
-        elif isinstance(module, MoE):
-            module.experts_impl = None
-    model.checkpoint_options = {}
+    """Back to the reference for what `enable_fast_path` installed; other fields of the policy (an
+    offloaded checkpoint, expert parallel's dispatch) stay. q/k/v keep sharing one buffer: harmless."""
+    current = model.execution
+    model.set_execution(
+        current.replace(
+            qkv=None if current.qkv is fast_qkv else current.qkv,
+            attention=None if current.attention is fast_attention else current.attention,
+            experts=None if current.experts is fast_experts else current.experts,
+            checkpoint_context=None,
+        )
+    )
 
 
 def fast_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, window: int | None, ctx: ForwardContext
 ) -> torch.Tensor:
-    """`Attention.attention_impl`: q (B, T, Q, D), k/v (B, S, K, D) -> (B, T, Q, D)."""
-    if ctx.cache is not None:
+    """`ExecutionPolicy.attention`: q (B, T, Q, D), k/v (B, S, K, D) -> (B, T, Q, D). The reference
+    runs with a KV cache (generation) and for head dims the kernel does not compile for."""
+    if ctx.cache is not None or q.shape[-1] not in KERNEL_HEAD_DIMS:
         return sink_attention(q, k, v, sinks, ctx.sliding_allowed if window is not None else ctx.full_allowed)
     return sink_flash_attention(q, k, v, sinks, window=window, doc_ids=ctx.doc_ids)
 
 
 def fast_qkv(attention: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`Attention.qkv_impl`: x (B, T, H) -> q (B, T, Q*D), k, v (B, T, K*D), the base projections as
+    """`ExecutionPolicy.qkv`: x (B, T, H) -> q (B, T, Q*D), k, v (B, T, K*D), the base projections as
     one MXFP4 GEMM and each LoRA wrapper's delta on top; the projections one by one where they cannot
     (another kind of module there, or their weights no longer share a buffer)."""
     modules = [getattr(attention, kind) for kind in QKV_PROJECTIONS]
@@ -183,7 +205,7 @@ def fast_qkv(attention: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def fast_experts(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`MoE.experts_impl`: x (N, H), idx/weights (N, k) -> (N, H)."""
+    """`ExecutionPolicy.experts`: x (N, H), idx/weights (N, k) -> (N, H)."""
     if reference_reason(experts, experts.training):
         return experts(x, idx, weights)
     base, lora = experts, None

@@ -63,7 +63,7 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
 
 
 class ExpertDispatch:
-    """`MoE.experts_impl` under expert parallel: (experts, x (N, H), idx (N, k), weights (N, k)) -> (N, H)."""
+    """`ExecutionPolicy.experts` under expert parallel: (experts, x (N, H), idx (N, k), weights (N, k)) -> (N, H)."""
 
     def __init__(self, shard: ExpertShard) -> None:
         self.shard = shard
@@ -104,7 +104,8 @@ def _local_experts(module: nn.Module, shard: ExpertShard) -> None:
 
 
 def apply_ep(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Split each layer's experts over `mesh` (1-D) and route tokens through ExpertDispatch."""
+    """Split each layer's experts over `mesh` (1-D) and route tokens through ExpertDispatch (the
+    `experts` field of `model.execution`; the policy's other fields stay)."""
     size, rank = mesh.size(), mesh.get_local_rank()
     num_experts = model.config.num_local_experts
     if num_experts % size:
@@ -112,9 +113,9 @@ def apply_ep(model: nn.Module, mesh: DeviceMesh) -> None:
     shard = ExpertShard(rank, size, num_experts, mesh.get_group())
     for layer in model.model.layers:
         _local_experts(layer.mlp.experts, shard)
-        # The fused kernels (osstune.fast) would bypass the experts module's forward, where FSDP
-        # gathers the expert weights; the local experts run their own forward here instead.
-        layer.mlp.experts_impl = ExpertDispatch(shard)
+    # The fused kernels (osstune.fast) would bypass the experts module's forward, where FSDP
+    # gathers the expert weights; the local experts run their own forward here instead.
+    model.set_execution(model.execution.replace(experts=ExpertDispatch(shard)))
 
 
 def expert_parameter_names(model: nn.Module) -> set[str]:

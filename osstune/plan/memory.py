@@ -1,7 +1,7 @@
 """The memory model: what one GPU holds at the peak of a training step, term by term.
 
 Static terms (weights, adapters, gradients, optimizer state) are counted, not estimated: the model is
-built on the meta device exactly as the trainer prepares it (`osstune.train.trainer._prepare_model`:
+built on the meta device exactly as the trainer prepares it (`osstune.train.prepare.PIPELINE`:
 which experts stay packed, MXFP4 attention, LoRA wrappers or full-training targets, the embedding in
 host memory), and every parameter and buffer is summed at its real shape and dtype. The optimizer's
 bytes follow `osstune.train.optim.MasterAdamW` and `osstune.train.adam8.AdamW8bit` tensor by tensor.
@@ -79,8 +79,8 @@ def model_config(ref: str) -> ModelConfig:
 
 
 def packed_experts(cfg: TrainConfig, model: ModelConfig) -> bool:
-    """The trainer's rule (_prepare_model): QLoRA, and full training that leaves the experts frozen,
-    keep MXFP4 experts packed as stored; everything else trains or adapts dense experts."""
+    """The trainer's rule (osstune.train.prepare.packs_experts): QLoRA, and full training that leaves
+    the experts frozen, keep MXFP4 experts packed as stored; everything else trains or adapts dense experts."""
     frozen = cfg.method == "qlora" or (
         cfg.method == "full" and not any(t in ("all", "experts", "mlp.experts") for t in cfg.full_targets)
     )

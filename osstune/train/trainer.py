@@ -17,14 +17,15 @@ import torch
 from osstune import parallel
 from osstune.device import pick_device
 from osstune.errors import Interrupted, OsstuneError
-from osstune.fast import FastPathOptions, enable_fast_path, graphed_step, use_fast_path
-from osstune.offload import HostEmbedding, offload_activations, offload_embedding
+from osstune.fast import graphed_step, use_fast_path
+from osstune.offload import HostEmbedding
 from osstune.train import sharded
 from osstune.train import state as ckpt
 from osstune.train.batches import Batch, build_data
 from osstune.train.config import RESUMABLE_CHANGES, TrainConfig
 from osstune.interrupt import StopRequest
 from osstune.train.loss import cross_entropy_sum
+from osstune.train.prepare import prepare_model, stored_expert_format
 from osstune.train.optim import MasterAdamW, lr_at
 from osstune.train.plot import plot_loss
 from osstune.train.progress import MetricsLog, Progress
@@ -79,75 +80,12 @@ def _check_resume(cfg: TrainConfig, saved: dict) -> None:
         )
 
 
-def _stored_expert_format(model_ref: str) -> str:
-    from osstune.checkpoint import load_config, resolve_checkpoint
-    from osstune.config import PRESETS
-
-    if model_ref in PRESETS:
-        return PRESETS[model_ref].expert_format
-    return load_config(resolve_checkpoint(model_ref)).expert_format
-
-
 def _check_method(cfg: TrainConfig) -> None:
-    if cfg.method == "qlora" and _stored_expert_format(cfg.model) != "mxfp4":
+    if cfg.method == "qlora" and stored_expert_format(cfg.model) != "mxfp4":
         raise ValueError(
             f"method 'qlora' trains LoRA on frozen MXFP4 experts, but {cfg.model} stores bf16 experts; "
             "use method 'lora' for it, or an MXFP4 checkpoint (osstune create --mxfp4)"
         )
-
-
-def _prepare_model(
-    cfg: TrainConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-    notes: list[str] | None = None,
-    load_device: torch.device | None = None,
-    fast: bool | None = None,
-) -> torch.nn.Module:
-    """The model as `cfg` trains it; what the user should know about it is appended to `notes`.
-    load_device: where the weights are loaded (default `device`); a sharded run loads them into host
-    memory and FSDP moves each rank's shards to its GPU, so no GPU ever holds the whole model.
-    fast: the run's backend decision (default: use_fast_path(cfg.fast, device))."""
-    from osstune.checkpoint import load_model
-
-    # QLoRA, and full fine-tuning that leaves the experts frozen, keep MXFP4 experts packed as
-    # stored (the same weights in a quarter of the memory); LoRA and trained experts use dense ones.
-    frozen = cfg.method == "qlora" or (
-        cfg.method == "full" and not any(t in ("all", "experts", "mlp.experts") for t in cfg.full_targets)
-    )
-    packed = frozen and _stored_expert_format(cfg.model) == "mxfp4"
-    # A table meant for host memory is loaded straight there: it never takes GPU memory, not even
-    # at the peak of the load, which is what a small GPU fails on.
-    host = ("model.embed_tokens.weight",) if cfg.memory.embedding == "cpu" else ()
-    model = load_model(cfg.model, dtype=dtype, device=load_device or device, packed_experts=packed, host=host)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if cfg.memory.embedding == "cpu":  # TrainConfig refuses it for a trained table
-        offload_embedding(model, device)
-    if cfg.attention_weights == "mxfp4":  # before LoRA wraps the projections, on the training device
-        from osstune.quant.linear import quantize_attention
-
-        report = quantize_attention(model)
-        if notes is not None:
-            notes.append(report.summary())
-    if cfg.method in ("lora", "qlora"):
-        from osstune.lora import apply_lora
-
-        apply_lora(model, cfg.lora)
-    else:
-        names = [n for n, _ in model.named_parameters()]
-        chosen = [n for n in names if "all" in cfg.full_targets or any(t in n for t in cfg.full_targets)]
-        if not chosen:
-            raise ValueError(f"full_targets {list(cfg.full_targets)} match no parameter; names look like {names[1]!r}")
-        params = dict(model.named_parameters())
-        for n in chosen:
-            params[n].requires_grad_(True)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    if cfg.memory.activations == "cpu":
-        offload_activations(model)
-    if use_fast_path(cfg.fast, device) if fast is None else fast:
-        enable_fast_path(model, FastPathOptions(checkpoint=cfg.checkpoint_policy))
-    return model
 
 
 def _batch_loss(model: torch.nn.Module, batch: Batch, device: torch.device, kernel: bool | None = None) -> torch.Tensor:
@@ -231,8 +169,8 @@ def _train(
 
     torch.manual_seed(cfg.seed)
     notes: list[str] = []
-    model = _prepare_model(cfg, device, dtype, notes, torch.device("cpu") if world.distributed else None, fast=fast)
-    model = parallel.parallelize(model, world, dtype)
+    # The model as it trains, sharded over the world's processes (osstune/train/prepare.py).
+    model = prepare_model(cfg, device, dtype, notes, fast=fast, world=world)
     if world.distributed:
         # Every data rank its own dropout masks; the tp ranks of a group share theirs (same activations).
         torch.manual_seed(cfg.seed + 1 + world.dp_rank)
