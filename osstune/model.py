@@ -310,7 +310,7 @@ class ExecutionPolicy:
         return kwargs
 
     def describe(self) -> str:
-        """"reference", or the fields that differ from it: "attention=fast_attention, experts=...". """
+        """The fields that differ from the reference ("attention=fast_attention, experts=..."), or "reference"."""
         parts = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -378,7 +378,9 @@ class GptOss(nn.Module):
         so `model.set_execution(previous)` undoes it."""
         policy = REFERENCE if policy is None else policy
         if not isinstance(policy, ExecutionPolicy):
-            raise TypeError(f"set_execution takes an osstune.model.ExecutionPolicy or None, not {type(policy).__name__}")
+            raise TypeError(
+                f"set_execution takes an osstune.model.ExecutionPolicy or None, not {type(policy).__name__}"
+            )
         previous, self._execution = self._execution, policy
         return previous
 

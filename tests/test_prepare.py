@@ -22,7 +22,8 @@ CPU = torch.device("cpu")
 def packed(tmp_path_factory):
     from osstune.create import create_checkpoint
 
-    return str(create_checkpoint(SMALL, tmp_path_factory.mktemp("small") / "mxfp4", mxfp4=True, seed=2, write_tokenizer=False))
+    out = tmp_path_factory.mktemp("small") / "mxfp4"
+    return str(create_checkpoint(SMALL, out, mxfp4=True, seed=2, write_tokenizer=False))
 
 
 def _configs(packed: str) -> dict[str, TrainConfig]:
