@@ -27,7 +27,7 @@ from torch import nn
 
 from osstune.config import PRESETS, ModelConfig
 from osstune.plan.parallel import Degrees
-from osstune.train.config import TrainConfig
+from osstune.train.config import TrainConfig, packs_experts
 
 GIB = 2**30
 
@@ -79,12 +79,8 @@ def model_config(ref: str) -> ModelConfig:
 
 
 def packed_experts(cfg: TrainConfig, model: ModelConfig) -> bool:
-    """The trainer's rule (osstune.train.prepare.packs_experts): QLoRA, and full training that leaves
-    the experts frozen, keep MXFP4 experts packed as stored; everything else trains or adapts dense experts."""
-    frozen = cfg.method == "qlora" or (
-        cfg.method == "full" and not any(t in ("all", "experts", "mlp.experts") for t in cfg.full_targets)
-    )
-    return frozen and model.expert_format == "mxfp4"
+    """Whether the trainer keeps `model`'s experts packed for `cfg` (its rule: train.config.packs_experts)."""
+    return packs_experts(cfg, model.expert_format)
 
 
 def build_meta_model(cfg: TrainConfig, model: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> nn.Module:

@@ -170,6 +170,16 @@ class TrainConfig:
             )
 
 
+def packs_experts(cfg: TrainConfig, expert_format: str) -> bool:
+    """Whether the run keeps MXFP4 experts (`expert_format` as stored) packed: QLoRA, and full
+    fine-tuning that leaves the experts frozen, do (the same weights in a quarter of the memory); LoRA
+    and trained experts use dense ones. The trainer (osstune.train.prepare) and the planner follow it."""
+    frozen = cfg.method == "qlora" or (
+        cfg.method == "full" and not any(t in ("all", "experts", "mlp.experts") for t in cfg.full_targets)
+    )
+    return frozen and expert_format == "mxfp4"
+
+
 # Fields that may differ when a run is resumed (they do not change what was computed so far).
 # A field missing from an older checkpoint's config counts as its default (trainer._check_resume).
 RESUMABLE_CHANGES = frozenset({

@@ -28,7 +28,7 @@ from osstune.errors import OsstuneError
 from osstune.fast import FastPathOptions, enable_fast_path, use_fast_path
 from osstune.model import GptOss
 from osstune.offload import offload_activations, offload_embedding
-from osstune.train.config import TrainConfig
+from osstune.train.config import TrainConfig, packs_experts
 
 
 class PipelineOrderError(OsstuneError, RuntimeError):
@@ -61,22 +61,13 @@ class Step:
 
 
 def stored_expert_format(model_ref: str) -> str:
-    """"mxfp4" or "bf16": how the checkpoint (or preset) `model_ref` stores its experts."""
+    """How the checkpoint (or preset) `model_ref` stores its experts: "mxfp4" or "bf16"."""
     from osstune.checkpoint import load_config, resolve_checkpoint
     from osstune.config import PRESETS
 
     if model_ref in PRESETS:
         return PRESETS[model_ref].expert_format
     return load_config(resolve_checkpoint(model_ref)).expert_format
-
-
-def packs_experts(cfg: TrainConfig, expert_format: str) -> bool:
-    """QLoRA, and full fine-tuning that leaves the experts frozen, keep MXFP4 experts packed as stored
-    (the same weights in a quarter of the memory); LoRA and trained experts use dense ones."""
-    frozen = cfg.method == "qlora" or (
-        cfg.method == "full" and not any(t in ("all", "experts", "mlp.experts") for t in cfg.full_targets)
-    )
-    return frozen and expert_format == "mxfp4"
 
 
 # ---- the steps, in order ----
