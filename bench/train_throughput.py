@@ -18,9 +18,9 @@ weights and what stays between steps. Every configuration runs in its own child 
 memory (torch.cuda.max_memory_allocated, model included) is its own. Each HF configuration takes
 about 1-1.5 minutes (flex attention compiles on the first step), each of ours about 30 s.
 
-- ours: `GptOss` built on the meta device and initialised on the GPU (load_model's random preset
-  draws every tensor on the host, ~11 s per expert tensor), `apply_lora`, `enable_fast_path`, the
-  trainer's loss (`osstune.train.loss.cross_entropy_sum`: the chunked kernel on CUDA) and optimizer
+- ours: the trainer's model preparation (osstune.train.prepare: LoRA, memory options, fast path), its
+  load step a `GptOss` built on the meta device and initialised on the GPU (load_model's random
+  preset draws every tensor on the host, ~11 s per expert tensor); the trainer's loss (`osstune.train.loss.cross_entropy_sum`: the chunked kernel on CUDA) and optimizer
   (`MasterAdamW`, float32 masters, clipping at 1.0). `--graph yes` (default): the micro-step is the
   trainer's `osstune.fast.GraphedStep`, fed host tensors; `--graph no`: eager. The row is packed as
   the trainer packs it (position_ids, one document in doc_ids).
@@ -73,36 +73,39 @@ def model_flops(cfg, t: int) -> float:
 
 
 def build_ours(preset: str, targets: str, policy: str, device: str, method: str = "lora", memory: dict | None = None):
+    """The model as the trainer prepares it (osstune.train.prepare.PIPELINE), its `load` step replaced
+    by random weights drawn on the device (seconds, where the checkpoint loader's host draws take
+    minutes at gpt-oss-20b's size)."""
     import torch
 
-    from osstune.config import PRESETS
-    from osstune.fast import FastPathOptions, enable_fast_path
-    from osstune.lora import LoraConfig, apply_lora
     from osstune.checkpoint.random_init import random_model_on
+    from osstune.config import PRESETS
+    from osstune.lora import LoraConfig
+    from osstune.train.config import MemoryConfig, TrainConfig
+    from osstune.train.prepare import PIPELINE, Step, prepare_model
 
     cfg = PRESETS[preset]
     if method == "qlora":
         cfg = cfg.replace(expert_format="mxfp4")
-    model = random_model_on(cfg, device)
     memory = memory or {}
-    if memory.get("attention") == "mxfp4":  # as the trainer does it: before LoRA wraps the projections
-        if method != "qlora":
-            raise ValueError("--attention-weights mxfp4 goes with --method qlora (as the trainer's attention_weights)")
-        from osstune.quant.linear import quantize_attention
+    if memory.get("attention") == "mxfp4" and method != "qlora":
+        raise ValueError("--attention-weights mxfp4 goes with --method qlora (as the trainer's attention_weights)")
+    train_cfg = TrainConfig(
+        model=preset,
+        method=method,
+        lora=LoraConfig(r=8, alpha=16, targets=targets),
+        attention_weights=memory.get("attention", "bf16"),
+        gradient_checkpointing=policy != "none",
+        checkpoint_policy="layer" if policy == "none" else policy,
+        memory=MemoryConfig(embedding=memory.get("embedding", "gpu"), activations=memory.get("activations", "gpu")),
+    )
 
-        quantize_attention(model)
-    apply_lora(model, LoraConfig(r=8, alpha=16, targets=targets), seed=0)
-    model.gradient_checkpointing = policy != "none"
-    if memory.get("embedding") == "cpu":
-        from osstune.offload import offload_embedding
+    def load_random(prep) -> None:
+        prep.model = random_model_on(cfg, device)
 
-        offload_embedding(model, device)
-    if memory.get("activations") == "cpu":
-        from osstune.offload import offload_activations
-
-        offload_activations(model)
-    if device == "cuda":
-        enable_fast_path(model, FastPathOptions(checkpoint="layer" if policy == "none" else policy))
+    steps = (Step("load", load_random), *PIPELINE[1:])
+    torch.manual_seed(0)  # the adapters' factors
+    model = prepare_model(train_cfg, torch.device(device), torch.bfloat16, fast=device == "cuda", steps=steps)
     return model.train(), cfg
 
 
