@@ -279,8 +279,9 @@ class ExecutionPolicy:
     in the `ForwardContext` of each forward pass; it is no part of the state dict. The fields are
     plain functions (or callable objects) that receive the module they stand in for on every call,
     so wrapping or replacing a projection or the experts later (LoRA) is seen. Who fills them:
-    osstune.fast (kernels), osstune.parallel (expert-parallel dispatch), osstune.offload (the layer
-    checkpoint with inputs in host memory); each changes only its own fields (`replace`).
+    osstune.fast (kernels), osstune.parallel (expert parallel's dispatch, tensor parallel's split
+    experts), osstune.offload (the layer checkpoint with inputs in host memory); each changes only its
+    own fields (`replace`).
     """
 
     # (attention, x (B, T, H)) -> q (B, T, Q*D), k, v (B, T, K*D): the three projections at once.

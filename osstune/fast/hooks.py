@@ -22,7 +22,8 @@ loss's fused kernel is chosen in `osstune.train.loss` (on CUDA).
   zero pair). Expert LoRA with dropout while training stays on the reference loop (the kernels apply
   none). Each case is decided per call from the module found there, so wrapping the experts after
   enabling stays correct. Experts that already run through another policy (expert parallel's
-  dispatch, osstune.parallel.experts) are refused: enable the fast path before parallelizing.
+  dispatch, tensor parallel's split region: osstune.parallel) are refused: enable the fast path
+  before parallelizing.
 - Router: the reference's top-k and softmax, unchanged.
 - Gradient checkpointing, `checkpoint`: "layer" recomputes each decoder layer in the backward (the
   reference policy); "keep_expert_gemms" recomputes the layer but keeps the outputs of its two base
@@ -110,8 +111,8 @@ def enable_fast_path(model: GptOss, options: FastPathOptions = FastPathOptions()
     current = model.execution
     if current.experts not in (None, fast_experts):
         raise ValueError(
-            f"enable_fast_path: the experts already run through {current.describe()} (expert parallel's "
-            "dispatch, installed by osstune.parallel); enable the fast path first, then parallelize "
+            f"enable_fast_path: the experts already run through {current.describe()} (a parallel plan's, "
+            "installed by osstune.parallel); enable the fast path first, then parallelize "
             "(osstune.train.prepare runs them in that order)"
         )
     reference = []

@@ -22,10 +22,12 @@ def parallelize(model: nn.Module, world: World, compute_dtype: torch.dtype) -> n
     cfg, mesh = world.config, world.meshes
     expert_mesh, prepare_layer = None, None
     if cfg.tp > 1:
-        from osstune.parallel.tensor import check_model, split_layer
+        from osstune.parallel.tensor import check_model, split_experts, split_layer
 
         check_model(model, cfg.tp)
-        prepare_layer = functools.partial(split_layer, mesh=mesh["tp"])
+        # The policy's experts function (a fused kernel, or None) runs inside each split region.
+        prepare_layer = functools.partial(split_layer, mesh=mesh["tp"], experts_run=model.execution.experts)
+        model.set_execution(model.execution.replace(experts=split_experts))
     if cfg.ep > 1:
         from osstune.parallel.experts import apply_ep
 

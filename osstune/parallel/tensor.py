@@ -191,9 +191,11 @@ def check_model(model: nn.Module, tp: int) -> None:
     check_tensor_parallel(model.config, tp, packed_experts=packed, quantized_attention=quantized)
 
 
-def split_layer(layer: nn.Module, mesh: DeviceMesh) -> None:
+def split_layer(layer: nn.Module, mesh: DeviceMesh, experts_run: Callable | None = None) -> None:
     """Split one decoder layer's attention and experts over `mesh` (1-D, the tp ranks of a group).
 
+    experts_run: the execution policy's experts function before the split (a fused kernel, or None:
+    the module's forward); it runs on the local tensors, called by `split_experts`.
     On a GPU the split tensors move to it (DTensor.from_local): osstune.parallel.fsdp calls this
     layer by layer, just before sharding the layer, so at most one layer's tp share is whole there.
     """
@@ -201,23 +203,20 @@ def split_layer(layer: nn.Module, mesh: DeviceMesh) -> None:
     _split(attn, ATTENTION, mesh)
     attn.tp_region = SplitRegion(attn, mesh, type(attn).forward, OUTPUT_BIAS["attention"], _attention_bias)
     attn.__class__ = _split_class(type(attn))
-    mlp = layer.mlp
-    _split(mlp.experts, EXPERTS, mesh)
-    # The experts hook (a fused kernel, or None: the module's forward) runs on the local tensors.
-    inner = mlp.experts_impl
-    run = inner if inner is not None else (lambda experts, *a: experts(*a))
-    mlp.experts_impl = _ExpertsRegion(SplitRegion(mlp.experts, mesh, run, OUTPUT_BIAS["experts"], _experts_bias))
+    experts = layer.mlp.experts
+    _split(experts, EXPERTS, mesh)
+    run = experts_run if experts_run is not None else (lambda module, *a: module(*a))
+    experts.tp_region = SplitRegion(experts, mesh, run, OUTPUT_BIAS["experts"], _experts_bias)
 
 
-class _ExpertsRegion:
-    """`MoE.experts_impl` under tensor parallel: (experts, x (N, H), idx (N, k), weights (N, k)) -> (N, H)."""
-
-    def __init__(self, region: SplitRegion) -> None:
-        self.region = region
-
-    def __call__(self, experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        assert experts is self.region.call.inner, "the experts module was replaced after tensor parallel split it"
-        return self.region(x, idx, weights)
+def split_experts(experts: nn.Module, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`ExecutionPolicy.experts` under tensor parallel: (experts, x (N, H), idx (N, k), weights (N, k)) -> (N, H),
+    through the split region `split_layer` left on the experts module."""
+    region = getattr(experts, "tp_region", None)
+    assert region is not None and region.call.inner is experts, (
+        "the experts module was replaced after tensor parallel split it"
+    )
+    return region(x, idx, weights)
 
 
 @torch.no_grad()

@@ -10,8 +10,8 @@ missing (`PipelineOrderError`) instead of building a different model. Steps the 
 (tests/test_prepare.py swaps them).
 
 One process and several (torchrun) use the same pipeline: a sharded run loads into host memory and
-its `parallel` step shards the model (osstune.parallel.parallelize: expert parallel, then FSDP); on
-one process that step does nothing. How attention, experts and checkpointing execute is one object,
+its `parallel` step shards the model (osstune.parallel.parallelize: tensor or expert parallel, then
+FSDP); on one process that step does nothing. How attention, experts and checkpointing execute is one object,
 `model.execution` (osstune.model.ExecutionPolicy), filled by `checkpointing`, `execution` and
 `parallel`, each in its own fields.
 """
@@ -150,9 +150,11 @@ def execution(prep: Preparation) -> None:
 
 
 def parallel_plan(prep: Preparation) -> None:
-    """Several processes: expert parallel (its dispatch replaces the policy's `experts`), then FSDP
-    over what is left (osstune.parallel.parallelize). Last: it shards what the steps before built,
-    trainable parameters chosen. Nothing on one process."""
+    """Several processes: tensor or expert parallel, then FSDP over what is left
+    (osstune.parallel.parallelize). Each takes over the policy's `experts` (expert parallel's
+    all-to-all dispatch; tensor parallel's split region, which runs the fast path's experts kernel
+    inside on the local tensors). Last: it shards what the steps before built, trainable parameters
+    chosen. Nothing on one process."""
     if prep.distributed:
         prep.model = parallel.parallelize(prep.model, prep.world, prep.dtype)
 
