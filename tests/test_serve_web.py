@@ -52,8 +52,9 @@ def _wait(driver, condition, timeout=60.0, every=0.05):
         if value:
             return value
         time.sleep(every)
-    status = driver.find_element("id", "status").text
-    raise AssertionError(f"timed out waiting in the page; its status line: {status!r}")
+    shown = driver.find_elements("id", "status")
+    where = f"its status line: {shown[0].text!r}" if shown else f"the page is not ours: {driver.page_source[:300]!r}"
+    raise AssertionError(f"timed out waiting in the page; {where}")
 
 
 def _set(driver, element_id, value):
@@ -67,7 +68,7 @@ def test_typing_a_message_streams_the_answer_and_stop_ends_it(browser_and_server
 
     driver, url, ctx = browser_and_server
     driver.get(url + "/")
-    assert driver.title == "osstune chat"
+    _wait(driver, lambda: driver.title == "osstune chat")  # a loaded machine may return from get() early
     _wait(driver, lambda: "models:" in driver.find_element("id", "status").text)  # 401 until the key is given
     _set(driver, "api-key", KEY)
     driver.find_element("id", "api-key").send_keys(Keys.TAB)  # "change": the models load with the key
