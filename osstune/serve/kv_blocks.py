@@ -280,14 +280,18 @@ class KVCacheManager:
             self.rows[g.name].write(state.row, start, table[start:stop])
             state.dropped[g.name] = stop
             self.pool.release(dropped[::-1])
-        need = {g.name: max(0, -(-end // bs) - len(state.tables[g.name])) for g in self.groups}
-        if sum(need.values()) > self.pool.num_free:
+        end_blocks = -(-end // bs)
+        need = [(name, end_blocks - len(table)) for name, table in state.tables.items()]
+        total = sum(n for _, n in need if n > 0)
+        if total == 0:  # most decode steps: the last block has room
+            return True
+        if total > self.pool.num_free:
             return False
-        for g in self.groups:
-            if need[g.name]:
-                table = state.tables[g.name]
-                new = self.pool.allocate(need[g.name])
-                self.rows[g.name].write(state.row, len(table), new)
+        for name, n in need:
+            if n > 0:
+                table = state.tables[name]
+                new = self.pool.allocate(n)
+                self.rows[name].write(state.row, len(table), new)
                 table.extend(new)
         return True
 
