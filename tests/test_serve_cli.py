@@ -98,3 +98,19 @@ def test_serve_chat_url_and_ctrl_c():
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def test_serve_and_generate_take_every_engine_option():
+    """The flags come from EngineConfig's fields, for both commands: a value given is the config's."""
+    import dataclasses
+
+    from osstune.serve.config import EngineConfig
+    from osstune.serve.flags import engine_config
+
+    given = ["--block-size", "32", "--num-kv-blocks", "7", "--enable-prefix-caching", "false", "--kernels", "reference"]
+    for command in (["serve", "--model", "tiny"], ["generate", "--model", "tiny", "--input", "i", "--output", "o"]):
+        args = build_parser().parse_args([*command, *given])
+        assert engine_config(args) == EngineConfig(block_size=32, num_kv_blocks=7, enable_prefix_caching=False,
+                                                   kernels="reference")
+        assert engine_config(build_parser().parse_args(command)) == EngineConfig()
+    assert all(f.metadata.get("help") for f in dataclasses.fields(EngineConfig))

@@ -18,8 +18,8 @@ from osstune.errors import Interrupted
 from osstune.infer.progress import Progress
 from osstune.interrupt import StopRequest
 from osstune.serve.config import EngineConfig
+from osstune.serve.flags import add_engine_options, engine_config
 
-_DEFAULTS = EngineConfig()
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:
@@ -49,23 +49,8 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
     s.add_argument("--seed", type=int, help="row i samples with seed + i: reproducible, and the same when resumed")
-    e = p.add_argument_group("engine")
-    e.add_argument(
-        "--max-num-seqs", type=int, default=_DEFAULTS.max_num_seqs, help="rows in one step (default: %(default)s)"
-    )
-    e.add_argument(
-        "--max-num-batched-tokens", type=int, default=_DEFAULTS.max_num_batched_tokens,
-        help="tokens in one step (default: %(default)s)",
-    )
-    e.add_argument("--max-model-len", type=int, help="prompt + answer of one row (default: the model's context)")
-    e.add_argument("--kv-cache-gb", type=float, help="KV cache size (default: a share of the GPU, see the next option)")
-    e.add_argument(
-        "--gpu-memory-utilization", type=float, default=_DEFAULTS.gpu_memory_utilization,
-        help="share of the GPU's memory the weights and the KV cache may take (default: %(default)s)",
-    )
-    e.add_argument(
-        "--block-size", type=int, default=_DEFAULTS.block_size, help="tokens per KV block (default: %(default)s)"
-    )
+    add_engine_options(p)
+    e = p.add_argument_group("device")
     e.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     e.add_argument(
         "--dtype", choices=("bfloat16", "float16", "float32"),
@@ -82,14 +67,7 @@ def run_generate(args: argparse.Namespace, log: TextIO | None = None) -> int:
 
     log = log or sys.stderr
     # Every option and every row is checked before the model is loaded, which can take minutes.
-    config = EngineConfig(
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_gb=args.kv_cache_gb,
-    )
+    config = engine_config(args)
     _sampling(args, max_tokens=args.max_tokens, seed=None)
     if args.adapter and not Path(args.adapter).is_dir():
         raise ValueError(f"{args.adapter}: adapter directory not found (--adapter)")

@@ -3,34 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-import typing
 
-from osstune.serve.config import EngineConfig
-
-
-def _boolean(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes", "on"):
-        return True
-    if text.lower() in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
-
-
-def _engine_options(p: argparse.ArgumentParser) -> None:
-    """One flag per EngineConfig field (the dataclass is the single source of truth)."""
-    group = p.add_argument_group("engine options (osstune.serve.config.EngineConfig)")
-    hints = typing.get_type_hints(EngineConfig)
-    for f in dataclasses.fields(EngineConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if kind is bool:
-            group.add_argument(flag, type=_boolean, metavar="true|false", default=None, help=f"default: {f.default}")
-            continue
-        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-        group.add_argument(flag, type=base, default=None, help=f"default: {f.default}")
+from osstune.serve.flags import add_engine_options, engine_config
 
 
 def add_command(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +29,7 @@ def add_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--access-log", action="store_true", help="log a line per HTTP request")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="cast the weights (default: as stored)")
-    _engine_options(p)
+    add_engine_options(p)
     p.set_defaults(func=run_serve)
 
 
@@ -90,8 +66,7 @@ def run_serve(args: argparse.Namespace) -> int:
     adapters = parse_adapters(args.adapter)
     if args.max_queue < 0:
         raise ValueError(f"--max-queue {args.max_queue}: must be >= 0")
-    overrides = {name: getattr(args, name) for name in EngineConfig.field_names() if getattr(args, name) is not None}
-    config = EngineConfig(**overrides)
+    config = engine_config(args)
     name = args.served_model_name or args.model
     if name in adapters:
         raise ValueError(f"--adapter {name}: the base model is served under that id; rename the adapter")

@@ -6,27 +6,36 @@ Names follow the options users know from other servers (`--max-num-seqs`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+
+
+def _option(default, help: str):
+    """A field whose `help` is also its command-line help (osstune.serve.flags)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    block_size: int = 16  # tokens per KV block
-    max_num_seqs: int = 256  # requests in one step at most
-    # Token budget of one step: decodes take one each, prefills fill the rest in chunks.
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # prompt + output of one request; default the model's context
+    block_size: int = _option(16, "tokens per KV block")
+    max_num_seqs: int = _option(256, "requests in one step at most")
+    max_num_batched_tokens: int = _option(
+        2048, "token budget of one step: decodes take one each, prefills fill the rest in chunks"
+    )
+    max_model_len: int | None = _option(None, "prompt + output of one request (default: the model's context)")
     # The KV cache's size: `kv_cache_gb` when given, else this share of the GPU's memory left after
     # the weights and a profiled step; on a CPU, 1 GiB unless `kv_cache_gb` says otherwise.
-    gpu_memory_utilization: float = 0.90
-    kv_cache_gb: float | None = None
-    num_kv_blocks: int | None = None  # exact block count (tests); overrides both above
-    enable_prefix_caching: bool = True
-    # CUDA graphs for decode-only steps of up to this many sequences (0 turns them off).
-    cuda_graph_max_batch: int = 512
-    # "auto": our Triton kernels on CUDA, plain PyTorch elsewhere; "reference": plain PyTorch everywhere;
-    # "kernels": the kernel path wherever Triton runs (on a CPU under TRITON_INTERPRET=1: tests).
-    kernels: str = "auto"
+    gpu_memory_utilization: float = _option(
+        0.90, "share of the GPU's memory the weights and the KV cache may take, unless --kv-cache-gb is given"
+    )
+    kv_cache_gb: float | None = _option(None, "KV cache size in GiB (default: from --gpu-memory-utilization; 1 on a CPU)")
+    num_kv_blocks: int | None = _option(None, "exact KV block count (tests); overrides --kv-cache-gb and --gpu-memory-utilization")
+    enable_prefix_caching: bool = _option(True, "share the KV blocks of identical prompt prefixes")
+    cuda_graph_max_batch: int = _option(512, "CUDA graphs for decode-only steps of up to this many sequences (0: off)")
+    kernels: str = _option(
+        "auto",
+        "auto: our Triton kernels on CUDA, plain PyTorch elsewhere; reference: plain PyTorch everywhere; "
+        "kernels: the kernel path wherever Triton runs (on a CPU under TRITON_INTERPRET=1: tests)",
+    )
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
