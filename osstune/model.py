@@ -433,6 +433,19 @@ class GptOss(nn.Module):
 
 
 @torch.no_grad()
+def init_parameters(model: GptOss, normal: Callable[[torch.Tensor], object]) -> None:
+    """gpt-oss's initialisation rule over the parameters: norms one, biases zero except the router's,
+    every other parameter (matrices, sinks, router bias) drawn by `normal(p)` in place."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith("bias") and "router" not in name:
+            p.zero_()
+        else:
+            normal(p)
+
+
+@torch.no_grad()
 def init_weights(model: GptOss, seed: int = 0) -> GptOss:
     """Random initialisation as gpt-oss's trainers do it: normal(0, 0.02) matrices, zero biases,
     unit norms; normal sinks. Packed MXFP4 experts are drawn in float and then quantized."""
@@ -441,16 +454,7 @@ def init_weights(model: GptOss, seed: int = 0) -> GptOss:
     std = model.config.initializer_range
     gen = torch.Generator().manual_seed(seed)
 
-    def normal(t: torch.Tensor) -> None:
-        t.copy_(torch.randn(t.shape, generator=gen) * std)
-
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        elif name.endswith("bias") and "router" not in name:
-            p.zero_()
-        else:
-            normal(p)
+    init_parameters(model, lambda p: p.copy_(torch.randn(p.shape, generator=gen) * std))
     for module in model.modules():
         if isinstance(module, MXFP4Experts):
             e, two_i, g, _ = module.gate_up_proj_blocks.shape

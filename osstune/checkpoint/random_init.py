@@ -59,7 +59,7 @@ def random_model_on(cfg: ModelConfig, device: torch.device | str, seed: int = 0)
     biases except the router's, unit norms, as transformers' GptOss init; packed MXFP4 experts as
     uniformly random codes with scale bytes 118-124 (weights of about the same magnitude). Unlike
     `RandomSource` the values depend on the device's generator, not on the tensor names."""
-    from osstune.model import GptOss, Rotary
+    from osstune.model import GptOss, Rotary, init_parameters
 
     device = torch.device(device)
     default = torch.get_default_dtype()
@@ -71,13 +71,7 @@ def random_model_on(cfg: ModelConfig, device: torch.device | str, seed: int = 0)
         torch.set_default_dtype(default)
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        elif name.endswith("bias") and "router" not in name:
-            p.zero_()
-        else:
-            p.normal_(0.0, cfg.initializer_range, generator=gen)
+    init_parameters(model, lambda p: p.normal_(0.0, cfg.initializer_range, generator=gen))
     for name, b in model.named_buffers():
         if name.endswith("_blocks"):
             b.copy_(torch.randint(0, 256, b.shape, generator=gen, device=device, dtype=torch.uint8))
